@@ -1,0 +1,51 @@
+# Sluice: two commands do everything on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PRECISION ?= int4
+MODEL_NAME ?= smollm2-135m-instruct
+MODEL_DIR ?= models/$(MODEL_NAME)-$(PRECISION)
+PYTEST_ARGS ?=
+
+.PHONY: all venv protos model model-all run test lint typecheck bench guard-eval soak clean
+
+all: venv protos model
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[tools,dev]'
+	touch $@
+
+protos: service/_pb/.stamp
+service/_pb/.stamp: $(wildcard protos/sluice/v1/*.proto) tools/gen_protos.py $(VENV)/.installed
+	$(PY) -m tools.gen_protos
+	touch $@
+
+# Idempotent: the fetch is skipped when the GGUF is cached, the conversion when the folder is complete.
+model: venv
+	$(PY) -m tools.fetch_model --precision $(PRECISION) --out $(MODEL_DIR)
+
+# Every precision the tests compare (fp32 reference, int8, int4).
+model-all: venv
+	$(PY) -m tools.fetch_model --precision int4 --out models/$(MODEL_NAME)-int4
+	$(PY) -m tools.fetch_model --precision int8 --out models/$(MODEL_NAME)-int8
+	$(PY) -m tools.fetch_model --precision fp32 --out models/$(MODEL_NAME)-fp32
+
+run: venv protos model
+	$(PY) -m service serve --model $(MODEL_DIR)
+
+lint: venv protos
+	$(VENV)/bin/ruff check service guard tools tests bench
+	$(VENV)/bin/mypy service guard
+
+test: venv protos model-all lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv protos model
+	$(PY) -m bench.run --model $(MODEL_DIR)
+
+clean:
+	rm -rf service/_pb build .pytest_cache .mypy_cache .ruff_cache
