@@ -1,0 +1,206 @@
+"""The output-side release window: streamed text reaches the client only after a safe verdict covers it.
+
+`StreamGuard` holds generated pieces back and asks an injected judge about (all generated text so far)
+every `window` pieces and once more at the end. A safe verdict releases everything it covered; an unsafe
+one closes the guard for good: nothing more is released, whatever is fed after.
+
+Invariant (tested with hypothesis): the released pieces always concatenate to a prefix of the text that
+the last safe verdict covered, and no piece is released after an unsafe verdict.
+
+What the window bounds: released text was judged safe when released, but a later verdict over more
+context may find the answer unsafe; the client then holds only text that was cleared, and at most
+`window` generated pieces past the last safe verdict are withheld. A smaller window detects earlier and
+releases sooner, at the price of more judge calls. The latency added is measured per piece: the time
+from `feed` to its release (`StreamGuardStats.release_delay_seconds`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from guard.moderator import Verdict
+
+T = TypeVar("T")
+
+# Judges the whole generated text so far; the closure owns the conversation and the stage. It should not
+# raise (wrap the moderator in `guard.policy.FailSafeModerator`): if it does, the exception propagates
+# and the guard is closed, so nothing more is released.
+Judge = Callable[[str], Awaitable[Verdict]]
+
+
+@dataclass(slots=True)
+class StreamGuardStats:
+    """Counters for metrics; times are seconds of the injected clock.
+
+    Args:
+        judge_calls: verdicts asked for.
+        judged_tokens: pieces covered, summed over calls (a judge re-reads the whole text each time).
+        tokens_fed: pieces received.
+        tokens_released: pieces released.
+        tokens_withheld: pieces never released because of an unsafe verdict or a judge failure.
+        judge_seconds: total time awaiting the judge.
+        max_judge_seconds: longest single judge call.
+        release_delay_seconds: summed over released pieces, time from feed to release.
+        max_release_delay_seconds: the longest such delay.
+    """
+
+    judge_calls: int = 0
+    judged_tokens: int = 0
+    tokens_fed: int = 0
+    tokens_released: int = 0
+    tokens_withheld: int = 0
+    judge_seconds: float = 0.0
+    max_judge_seconds: float = 0.0
+    release_delay_seconds: float = 0.0
+    max_release_delay_seconds: float = 0.0
+
+
+class StreamGuard(Generic[T]):
+    """Releases streamed items (token texts, or token events) only once a safe verdict covers them.
+
+    Args:
+        judge: async verdict over all generated text so far.
+        window: pieces between checks (>= 1); every `feed` counts as one piece, even an empty one.
+        text_of: the text of an item (`str` for plain strings).
+        clock: monotonic seconds; injected so tests need no sleeping.
+    """
+
+    def __init__(
+        self,
+        judge: Judge,
+        window: int,
+        text_of: Callable[[T], str],
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self._judge = judge
+        self._window = window
+        self._text_of = text_of
+        self._clock = clock
+        self._parts: list[str] = []
+        self._pending: list[tuple[T, float]] = []  # (item, time fed)
+        self._cleared_text: str | None = None  # text covered by the last safe verdict
+        self._verdict: Verdict | None = None
+        self._closed = False  # after an unsafe verdict or a judge failure
+        self._finished = False
+        self.stats = StreamGuardStats()
+
+    @property
+    def window(self) -> int:
+        """Pieces between checks."""
+        return self._window
+
+    @property
+    def blocked(self) -> bool:
+        """True once an unsafe verdict (or a judge failure) closed the guard."""
+        return self._closed
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """The latest verdict (the blocking one once blocked)."""
+        return self._verdict
+
+    async def feed(self, item: T) -> list[T]:
+        """Take one generated piece; judge when a window is full.
+
+        Args:
+            item: the next piece.
+
+        Returns:
+            The pieces released now, oldest first (empty while the window fills, and forever once blocked).
+        """
+        if self._finished:
+            raise RuntimeError("stream guard already finished")
+        self.stats.tokens_fed += 1
+        if self._closed:
+            self.stats.tokens_withheld += 1
+            return []
+        self._parts.append(self._text_of(item))
+        self._pending.append((item, self._clock()))
+        if len(self._pending) < self._window:
+            return []
+        return await self._check()
+
+    async def finish(self) -> tuple[list[T], Verdict]:
+        """End of generation: judge what is still held back.
+
+        Returns:
+            (released pieces, final verdict). Once blocked: ([], the blocking verdict). An empty
+            generation is judged too, so there is always a verdict.
+        """
+        if self._finished:
+            raise RuntimeError("stream guard already finished")
+        self._finished = True
+        if self._closed:
+            if self._verdict is None:
+                raise RuntimeError("stream guard failed: its judge raised")
+            return [], self._verdict
+        released = await self._check() if self._pending or self._verdict is None else []
+        if self._verdict is None:  # unreachable: _check sets it or raises
+            raise RuntimeError("stream guard has no verdict")
+        return released, self._verdict
+
+    async def _check(self) -> list[T]:
+        text = "".join(self._parts)
+        if text == self._cleared_text:
+            # Only empty pieces since the last safe verdict (e.g. a detokenizer holding partial UTF-8):
+            # the text is already covered, a new call would judge the very same string.
+            return self._release()
+        verdict = await self._timed_judge(text)
+        self._verdict = verdict
+        if not verdict.safe:
+            self._close()
+            return []
+        self._cleared_text = text
+        return self._release()
+
+    async def _timed_judge(self, text: str) -> Verdict:
+        start = self._clock()
+        try:
+            verdict = await self._judge(text)
+        except BaseException:
+            self._close()
+            raise
+        finally:
+            elapsed = self._clock() - start
+            self.stats.judge_calls += 1
+            self.stats.judged_tokens += len(self._parts)
+            self.stats.judge_seconds += elapsed
+            self.stats.max_judge_seconds = max(self.stats.max_judge_seconds, elapsed)
+        return verdict
+
+    def _close(self) -> None:
+        self._closed = True
+        self.stats.tokens_withheld += len(self._pending)
+        self._pending.clear()
+
+    def _release(self) -> list[T]:
+        now = self._clock()
+        for _, fed_at in self._pending:
+            delay = now - fed_at
+            self.stats.release_delay_seconds += delay
+            self.stats.max_release_delay_seconds = max(self.stats.max_release_delay_seconds, delay)
+        items = [item for item, _ in self._pending]
+        self._pending.clear()
+        self.stats.tokens_released += len(items)
+        return items
+
+
+def text_stream_guard(
+    judge: Judge, window: int, clock: Callable[[], float] = time.perf_counter
+) -> StreamGuard[str]:
+    """A `StreamGuard` over plain text pieces.
+
+    Args:
+        judge: async verdict over all generated text so far.
+        window: pieces between checks.
+        clock: monotonic seconds.
+
+    Returns:
+        The guard.
+    """
+    return StreamGuard(judge, window, text_of=str, clock=clock)

@@ -1,0 +1,192 @@
+"""StreamGuard: no piece is released before a safe verdict covers it; nothing after an unsafe one."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guard.moderator import Stage, Verdict
+from guard.stream import StreamGuard, text_stream_guard
+
+SAFE = Verdict(True, (), 0.1, "fake", Stage.OUTPUT)
+UNSAFE = Verdict(False, ("S1",), 0.9, "fake", Stage.OUTPUT)
+
+
+@dataclass
+class FakeJudge:
+    """Answers from a script (then safe); records what it was asked."""
+
+    script: list[bool] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)
+
+    async def __call__(self, text: str) -> Verdict:
+        self.seen.append(text)
+        index = len(self.seen) - 1
+        safe = self.script[index] if index < len(self.script) else True
+        return SAFE if safe else UNSAFE
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_releases_a_window_at_a_time() -> None:
+    judge = FakeJudge()
+    guard = text_stream_guard(judge, window=3)
+    assert await guard.feed("a") == []
+    assert await guard.feed("b") == []
+    assert await guard.feed("c") == ["a", "b", "c"]
+    assert await guard.feed("d") == []
+    released, verdict = await guard.finish()
+    assert released == ["d"] and verdict == SAFE
+    assert judge.seen == ["abc", "abcd"]
+    assert guard.stats.judge_calls == 2 and guard.stats.judged_tokens == 3 + 4
+    assert guard.stats.tokens_released == 4 and guard.stats.tokens_withheld == 0
+
+
+async def test_unsafe_window_releases_nothing_more() -> None:
+    judge = FakeJudge(script=[True, False])
+    guard = text_stream_guard(judge, window=2)
+    assert await guard.feed("ok ") == []
+    assert await guard.feed("fine ") == ["ok ", "fine "]
+    assert await guard.feed("bad ") == []
+    assert await guard.feed("worse ") == []
+    assert guard.blocked and guard.verdict == UNSAFE
+    assert await guard.feed("more") == []
+    assert await guard.finish() == ([], UNSAFE)
+    assert len(judge.seen) == 2  # no judge call once blocked
+    assert guard.stats.tokens_withheld == 3 and guard.stats.tokens_fed == 5
+
+
+async def test_unsafe_at_the_end_withholds_the_tail() -> None:
+    guard = text_stream_guard(FakeJudge(script=[True, False]), window=2)
+    await guard.feed("a")
+    assert await guard.feed("b") == ["a", "b"]
+    assert await guard.feed("c") == []
+    assert await guard.finish() == ([], UNSAFE)
+
+
+async def test_empty_generation_is_judged() -> None:
+    judge = FakeJudge()
+    guard = text_stream_guard(judge, window=4)
+    assert await guard.finish() == ([], SAFE)
+    assert judge.seen == [""]
+
+
+async def test_exact_window_end_needs_no_extra_call() -> None:
+    judge = FakeJudge()
+    guard = text_stream_guard(judge, window=2)
+    await guard.feed("a")
+    await guard.feed("b")
+    assert await guard.finish() == ([], SAFE)
+    assert judge.seen == ["ab"]
+
+
+async def test_empty_pieces_after_a_safe_verdict_need_no_call() -> None:
+    judge = FakeJudge()
+    guard = text_stream_guard(judge, window=2)
+    await guard.feed("a")
+    await guard.feed("b")
+    await guard.feed("")  # e.g. a detokenizer holding back half a UTF-8 character
+    assert await guard.finish() == ([""], SAFE)
+    assert judge.seen == ["ab"]
+
+
+async def test_judge_failure_closes_the_guard() -> None:
+    async def broken(text: str) -> Verdict:
+        raise RuntimeError("backend down")
+
+    guard = text_stream_guard(broken, window=1)
+    with pytest.raises(RuntimeError, match="backend down"):
+        await guard.feed("a")
+    assert guard.blocked
+    assert await guard.feed("b") == []
+    with pytest.raises(RuntimeError, match="judge raised"):
+        await guard.finish()
+
+
+async def test_generic_items_and_latency_stats() -> None:
+    clock = FakeClock()
+
+    async def slow_judge(text: str) -> Verdict:
+        clock.now += 0.5  # the judge "takes" half a second of the fake clock
+        return SAFE
+
+    guard: StreamGuard[tuple[int, str]] = StreamGuard(slow_judge, 2, text_of=lambda e: e[1], clock=clock)
+    assert await guard.feed((7, "x")) == []
+    clock.now += 0.1
+    assert await guard.feed((8, "y")) == [(7, "x"), (8, "y")]
+    assert guard.stats.judge_seconds == pytest.approx(0.5)
+    # piece 7 waited 0.1 + 0.5, piece 8 waited 0.5
+    assert guard.stats.release_delay_seconds == pytest.approx(1.1)
+    assert guard.stats.max_release_delay_seconds == pytest.approx(0.6)
+
+
+async def test_misuse_raises() -> None:
+    with pytest.raises(ValueError):
+        text_stream_guard(FakeJudge(), window=0)
+    guard = text_stream_guard(FakeJudge(), window=1)
+    await guard.finish()
+    with pytest.raises(RuntimeError):
+        await guard.feed("late")
+    with pytest.raises(RuntimeError):
+        await guard.finish()
+
+
+async def _run(pieces: list[str], script: list[bool], window: int) -> None:
+    judge = FakeJudge(script=list(script))
+    guard = text_stream_guard(judge, window=window)
+    released: list[str] = []
+    cleared = ""  # text covered by the latest safe verdict
+    released_at_block: int | None = None
+    fed = ""
+
+    def observe() -> None:
+        nonlocal cleared, released_at_block
+        for i, asked in enumerate(judge.seen):
+            safe = script[i] if i < len(script) else True
+            if not safe:
+                if released_at_block is None:
+                    released_at_block = len(released)
+                break
+            cleared = asked
+        text = "".join(released)
+        # The invariant: released text is always a prefix of what a safe verdict covered.
+        assert cleared.startswith(text)
+        if released_at_block is not None:
+            assert len(released) == released_at_block
+
+    for piece in pieces:
+        calls_before = len(judge.seen)
+        fed += piece
+        released += await guard.feed(piece)
+        if len(judge.seen) > calls_before:
+            assert judge.seen[-1] == fed  # each call covers everything generated so far
+        observe()
+    tail, verdict = await guard.finish()
+    released += tail
+    observe()
+    if released_at_block is None:
+        assert verdict.safe and "".join(released) == "".join(pieces)
+    else:
+        assert not verdict.safe and guard.blocked
+    assert guard.stats.tokens_released == len(released)
+    assert guard.stats.tokens_released + guard.stats.tokens_withheld == len(pieces)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(["", "a", "bc", " ", "é", "\n"]), max_size=30),
+    script=st.lists(st.booleans(), max_size=12),
+    window=st.integers(min_value=1, max_value=6),
+)
+def test_never_releases_uncleared_text(pieces: list[str], script: list[bool], window: int) -> None:
+    asyncio.run(_run(pieces, script, window))
