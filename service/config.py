@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from guard.policy import DEFAULT_RELEASE_WINDOW_TOKENS, DEFAULT_THRESHOLD, DEFAULT_TIMEOUT_SECONDS
 from service import config_sources as sources
 from service.config_sources import ConfigError as ConfigError
 from service.config_sources import Secret as Secret
@@ -142,33 +143,43 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class GuardConfig:
+    """Defaults for thresholds, window and timeout come from `guard.policy`, their one source of truth."""
+
     # The embedded classifier needs no second model, so moderation is on out of the box.
     backend: GuardBackend = field(default=GuardBackend.CLASSIFIER, metadata=_doc("Moderation backend."))
     model: Path | None = field(
         default=None, metadata=_doc("Guard model folder (required for llama_guard and cascade).")
     )
-    unsafe_threshold: float = field(
-        default=0.5, metadata=_doc("Block when the unsafe score is >= this.", low=0, high=1, low_open=True)
+    input_threshold: float = field(
+        default=DEFAULT_THRESHOLD,
+        metadata=_doc("Block a user turn when its unsafe score is >= this.", low=0, high=1),
     )
-    # Scores below this are confidently safe; the band up to unsafe_threshold is where the classifier errs.
-    cascade_threshold: float = field(
+    output_threshold: float = field(
+        default=DEFAULT_THRESHOLD,
+        metadata=_doc("Block model output when its unsafe score is >= this.", low=0, high=1),
+    )
+    # The classifier is reliable far from its threshold; only the band around it is worth a Llama Guard call.
+    cascade_low: float = field(
         default=0.2,
-        metadata=_doc("cascade: scores in [this, unsafe_threshold) go to Llama Guard.", low=0, high=1),
+        metadata=_doc("cascade: classifier scores in [low, high) go to Llama Guard.", low=0, high=1),
+    )
+    cascade_high: float = field(
+        default=0.8, metadata=_doc("cascade: upper end of that band.", low=0, high=1)
     )
     # A moderation stage that silently lets content through when it breaks is not a moderation stage.
     fail_open: bool = field(
         default=False, metadata=_doc("Let content through (instead of blocking) when the guard fails.")
     )
-    # Bounds the text a client can see ahead of judgement; smaller windows cost more guard calls.
     release_window_tokens: int = field(
-        default=8, metadata=_doc("Streamed output is released after at most this many judged tokens.", low=1)
+        default=DEFAULT_RELEASE_WINDOW_TOKENS,
+        metadata=_doc("Streamed output is released after at most this many judged tokens.", low=1),
     )
     excluded_categories: tuple[str, ...] = field(
         default=(), metadata=_doc("Category codes not blocked, e.g. S6,S8.")
     )
-    # A Llama Guard prefill of a long conversation on 2 CPU cores takes seconds; longer means it is stuck.
     timeout_seconds: float = field(
-        default=10.0, metadata=_doc("A guard call taking longer counts as failed.", low=0, low_open=True)
+        default=DEFAULT_TIMEOUT_SECONDS,
+        metadata=_doc("A guard check taking longer counts as failed.", low=0, low_open=True),
     )
 
 
@@ -346,8 +357,16 @@ def _cross_field_problems(c: Config) -> list[str]:
         problems.append("security.auth_token and security.auth_token_file must not both be set")
     if c.guard.backend in (GuardBackend.LLAMA_GUARD, GuardBackend.CASCADE) and c.guard.model is None:
         problems.append(f"guard.model is required when guard.backend is {c.guard.backend.value}")
-    if c.guard.backend is GuardBackend.CASCADE and c.guard.cascade_threshold > c.guard.unsafe_threshold:
-        problems.append("guard.cascade_threshold must be <= guard.unsafe_threshold")
+    g = c.guard
+    if g.backend is GuardBackend.CASCADE and not (
+        g.cascade_low <= min(g.input_threshold, g.output_threshold)
+        and max(g.input_threshold, g.output_threshold) <= g.cascade_high
+    ):
+        # Otherwise the classifier alone would decide scores it is not confident about.
+        problems.append(
+            "guard.cascade_low <= guard.input_threshold, guard.output_threshold <= guard.cascade_high "
+            "must hold"
+        )
     if c.engine.default_max_new_tokens > c.engine.max_new_tokens_cap:
         problems.append(
             f"engine.default_max_new_tokens must be <= engine.max_new_tokens_cap "

@@ -25,11 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from guard.policy import PolicyError
 from guard.taxonomy import CODE_RE
 from service._pb.sluice.v1 import common_pb2, generation_pb2, moderation_pb2
 from service.config import Config, GuardBackend
 from service.engine.sampler import MAX_TOP_LOGPROBS
-from service.errors import GuardDisabled, range_problem, validation_error
+from service.errors import GuardDisabled, InvalidArgument, range_problem, validation_error
 
 # A stop string's length bounds how much decoded text the stop matcher must hold back before release,
 # so long stop strings delay streaming for every request; 128 characters covers any real delimiter.
@@ -47,6 +48,11 @@ _MODERATION_ROLES: Final = (
     moderation_pb2.MODERATION_ROLE_USER,
     moderation_pb2.MODERATION_ROLE_AGENT,
 )
+
+_LAST_ROLE_FOR: Final = {
+    moderation_pb2.MODERATION_ROLE_USER: common_pb2.CHAT_ROLE_USER,
+    moderation_pb2.MODERATION_ROLE_AGENT: common_pb2.CHAT_ROLE_ASSISTANT,
+}
 
 GenerationRequestPb = generation_pb2.GenerateRequest | generation_pb2.CompleteRequest
 
@@ -153,13 +159,32 @@ def validate_moderate(request: moderation_pb2.ModerateRequest, limits: Limits) -
     if request.role not in _MODERATION_ROLES:
         allowed = "MODERATION_ROLE_USER or MODERATION_ROLE_AGENT"
         raise validation_error("role", f"must be {allowed}, got {request.role}")
+    # The guard judges the last turn, so it must be the judged role's (guard.prompt.judged_turns).
+    expected = _LAST_ROLE_FOR.get(request.role)
     last = request.messages[-1].role
-    if request.role == moderation_pb2.MODERATION_ROLE_AGENT and last != common_pb2.CHAT_ROLE_ASSISTANT:
-        raise validation_error(
-            "role", "is MODERATION_ROLE_AGENT, so the last message must be from CHAT_ROLE_ASSISTANT"
-        )
+    if expected is not None and last != expected:
+        role = moderation_pb2.ModerationRole.Name(request.role)
+        raise validation_error("role", f"is {role}, so the last message must be from {_role_name(expected)}")
     if request.HasField("guard"):
         _check_guard(request.guard, limits)
+
+
+def guard_policy_error(error: PolicyError) -> InvalidArgument:
+    """The InvalidArgument for a `PolicyError` raised by `Policy.tighten` on a request's GuardOptions (an
+    attempt to loosen the policy, or an unknown category), naming the option as a request field.
+
+    Args:
+        error: the policy's error; its message starts with the option's name.
+
+    Returns:
+        e.g. field "guard.output_threshold" and message
+        "guard.output_threshold may only be lowered, got 0.9 > 0.5".
+    """
+    message = str(error)
+    name = message.split(" ", 1)[0].rstrip(":")
+    if name in common_pb2.GuardOptions.DESCRIPTOR.fields_by_name:
+        return InvalidArgument(f"guard.{name}", f"guard.{message}")
+    return InvalidArgument("guard", f"guard: {message}")
 
 
 def check_range(
@@ -281,8 +306,10 @@ def _check_guard(options: common_pb2.GuardOptions, limits: Limits) -> None:
             shown = repr(code) if well_formed else "a malformed code"
             field = f"guard.block_categories[{i}]"
             raise validation_error(field, f"must be a known category code, got {shown}")
-    if options.HasField("unsafe_threshold"):
-        check_range("guard.unsafe_threshold", options.unsafe_threshold, 0.0, 1.0, low_open=True)
+    # Whether a value loosens the server's policy is the policy's call (guard.policy.Policy.tighten).
+    for name in ("input_threshold", "output_threshold"):
+        if options.HasField(name):
+            check_range(f"guard.{name}", getattr(options, name), 0.0, 1.0)
     if options.HasField("release_window_tokens"):
         check_range("guard.release_window_tokens", options.release_window_tokens, 1)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from guard.policy import DEFAULT_RELEASE_WINDOW_TOKENS
 from service.config import (
     Config,
     ConfigError,
@@ -42,7 +43,8 @@ def test_defaults_from_the_issue() -> None:
     assert config.server.grace_seconds == 10.0
     assert config.server.max_receive_message_bytes == 4 * 1024 * 1024
     assert config.guard.backend is GuardBackend.CLASSIFIER and config.guard.fail_open is False
-    assert config.guard.release_window_tokens == 8
+    assert config.guard.release_window_tokens == DEFAULT_RELEASE_WINDOW_TOKENS  # guard.policy's default
+    assert config.guard.input_threshold == config.guard.output_threshold == 0.5
     assert config.log.text is False and config.server.reflection is True
 
 
@@ -70,7 +72,7 @@ def test_types_from_each_source(tmp_path: Path) -> None:
     toml = write_toml(
         tmp_path,
         '[guard]\nbackend = "cascade"\nmodel = "guard-model"\nexcluded_categories = ["S6", "S8"]\n'
-        "unsafe_threshold = 1\n[log]\ntext = true\n",
+        "input_threshold = 1\ncascade_high = 1\n[log]\ntext = true\n",
     )
     config = load_config(
         ["--no-reflection", "--log-level", "DEBUG"], {"SLUICE_GUARD_FAIL_OPEN": "yes"}, toml
@@ -78,7 +80,7 @@ def test_types_from_each_source(tmp_path: Path) -> None:
     assert config.guard.backend is GuardBackend.CASCADE
     assert config.guard.model == tmp_path / "guard-model"  # relative to the TOML file
     assert config.guard.excluded_categories == ("S6", "S8")
-    assert config.guard.unsafe_threshold == 1.0 and isinstance(config.guard.unsafe_threshold, float)
+    assert config.guard.input_threshold == 1.0 and isinstance(config.guard.input_threshold, float)
     assert config.guard.fail_open is True
     assert config.log.text is True and config.log.level is LogLevel.DEBUG
     assert config.server.reflection is False
@@ -98,9 +100,9 @@ def test_config_is_frozen() -> None:
         (["--max-slots", "0"], {}, "engine.max_slots must be >= 1, got 0 (from --max-slots)"),
         ([], {"SLUICE_PORT": "70000"}, "server.port must be in [0, 65535], got 70000 (from SLUICE_PORT)"),
         (
-            ["--guard-unsafe-threshold", "0"],
+            ["--guard-output-threshold", "1.5"],
             {},
-            "guard.unsafe_threshold must be in (0, 1], got 0 (from --guard-unsafe-threshold)",
+            "guard.output_threshold must be in [0, 1], got 1.5 (from --guard-output-threshold)",
         ),
         ([], {"SLUICE_GRACE_SECONDS": "nan"}, "server.grace_seconds must be a finite number, got nan"),
         ([], {"SLUICE_MAX_SLOTS": "eight"}, "engine.max_slots must be an integer, got 'eight'"),
@@ -173,6 +175,9 @@ def test_cross_field_rules(tmp_path: Path) -> None:
     assert problem == "security.tls_client_ca requires security.tls_cert and security.tls_key"
     (problem,) = problems_of(["--metrics-port", "50051"], {})
     assert problem == "metrics.port must differ from server.port, both are 50051"
+    cascade = ["--guard-backend", "cascade", "--guard-model", "m", "--guard-cascade-high", "0.4"]
+    (problem,) = problems_of(cascade, {})
+    assert problem.startswith("guard.cascade_low <= guard.input_threshold, guard.output_threshold <= guard.")
     (problem,) = problems_of([], {"SLUICE_GUARD_EXCLUDED_CATEGORIES": "S6,s7"})
     assert problem == "guard.excluded_categories must hold codes like S6, got 's7'"
 

@@ -12,6 +12,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from guard.moderator import Role, Verdict
+from guard.policy import PolicyOptions
 from service._pb.sluice.v1 import common_pb2, generation_pb2, moderation_pb2
 from service.engine.types import FinishReason, SamplingParams
 
@@ -70,7 +71,16 @@ def test_optional_exactly_where_unset_differs_from_zero() -> None:
         "temperature", "top_p", "repetition_penalty", "seed"
     }
     assert optional(generation_pb2.GenerateRequest.DESCRIPTOR) == {"max_new_tokens"}
-    assert optional(common_pb2.GuardOptions.DESCRIPTOR) == {"unsafe_threshold", "release_window_tokens"}
+    assert optional(common_pb2.GuardOptions.DESCRIPTOR) == {
+        "input_threshold", "output_threshold", "release_window_tokens"
+    }
+
+
+def test_guard_options_mirror_the_policy_options() -> None:
+    proto = {f.name for f in common_pb2.GuardOptions.DESCRIPTOR.fields}
+    domain = {f.name for f in dataclasses.fields(PolicyOptions)}
+    # fail_open: only turning it off tightens, so the wire carries `fail_closed = true` for fail_open=False.
+    assert proto == (domain - {"fail_open"}) | {"fail_closed"}
 
 
 def test_moderation_roles_match_the_guard_roles() -> None:

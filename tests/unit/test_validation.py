@@ -7,11 +7,13 @@ from collections.abc import Callable
 import pytest
 from google.protobuf.message import DecodeError
 
+from guard.policy import Policy, PolicyError, PolicyOptions
 from service._pb.sluice.v1 import common_pb2, generation_pb2, moderation_pb2
 from service.config import load_config
 from service.errors import GuardDisabled, InvalidArgument
 from service.validation import (
     Limits,
+    guard_policy_error,
     limits_from_config,
     validate_generate,
     validate_moderate,
@@ -53,7 +55,8 @@ def test_a_full_valid_request_passes() -> None:
     req.stop.extend(["\n\n", "x" * 128])
     req.logprobs, req.top_logprobs = True, 20
     req.guard.block_categories.append("S6")
-    req.guard.unsafe_threshold, req.guard.release_window_tokens, req.guard.fail_closed = 0.3, 1, True
+    req.guard.input_threshold, req.guard.output_threshold = 0.0, 0.3
+    req.guard.release_window_tokens, req.guard.fail_closed = 1, True
     validate_generate(req, LIMITS)
     validate_generate(generation_pb2.CompleteRequest.FromString(req.SerializeToString()), LIMITS)
 
@@ -126,9 +129,9 @@ def set_attr(path: str, value: object) -> Mutation:
             "guard.block_categories[0] must be a known category code, got a malformed code",
         ),
         (
-            set_attr("guard.unsafe_threshold", 0.0),
-            "guard.unsafe_threshold",
-            "guard.unsafe_threshold must be in (0, 1], got 0",
+            set_attr("guard.output_threshold", 1.5),
+            "guard.output_threshold",
+            "guard.output_threshold must be in [0, 1], got 1.5",
         ),
         (
             set_attr("guard.release_window_tokens", 0),
@@ -226,6 +229,12 @@ def moderate_request(*turns: tuple[int, str], role: int = 0) -> moderation_pb2.M
 def test_moderate_rules() -> None:
     validate_moderate(moderate_request((USER, "q"), (ASSISTANT, "a")), LIMITS)  # role inferred later
     validate_moderate(moderate_request((USER, "q"), role=moderation_pb2.MODERATION_ROLE_USER), LIMITS)
+    user_on_agent = moderate_request((USER, "q"), (ASSISTANT, "a"), role=moderation_pb2.MODERATION_ROLE_USER)
+    with pytest.raises(InvalidArgument) as caught:
+        validate_moderate(user_on_agent, LIMITS)
+    assert caught.value.message == (
+        "role is MODERATION_ROLE_USER, so the last message must be from CHAT_ROLE_USER"
+    )
     agent_on_user = moderate_request((USER, "q"), role=moderation_pb2.MODERATION_ROLE_AGENT)
     with pytest.raises(InvalidArgument) as caught:
         validate_moderate(agent_on_user, LIMITS)
@@ -247,3 +256,16 @@ def test_limits_from_config() -> None:
     limits = limits_from_config(config)
     assert limits.max_new_tokens_cap == 512 and limits.default_max_new_tokens == 256
     assert limits.guard_enabled is False
+
+
+def test_policy_errors_become_field_errors() -> None:
+    policy = Policy()
+    with pytest.raises(PolicyError) as caught:
+        policy.tighten(PolicyOptions(output_threshold=0.9))
+    error = guard_policy_error(caught.value)
+    assert error.field == "guard.output_threshold"
+    assert error.message == "guard.output_threshold may only be lowered, got 0.9 > 0.5"
+    with pytest.raises(PolicyError) as caught:
+        policy.tighten(PolicyOptions(block_categories=("X9",)))
+    assert guard_policy_error(caught.value).field == "guard.block_categories"
+    assert guard_policy_error(PolicyError("something else")).message == "guard: something else"
