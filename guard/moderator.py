@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     """Whose messages are judged, as in Llama Guard's task line ('User' or 'Agent')."""
 
     USER = "User"
     AGENT = "Agent"
 
 
-class Stage(str, enum.Enum):
+class Stage(enum.StrEnum):
     """Where in the pipeline a verdict was taken. Bounded: used as a metric label."""
 
     INPUT = "input"

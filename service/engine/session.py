@@ -24,7 +24,10 @@ PAST_VALUE = "past_key_values.{}.value"
 PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.key$")
-_ORT_DTYPES: dict[str, np.dtype[np.generic]] = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+_ORT_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+}
 
 
 @dataclass(frozen=True, slots=True)
