@@ -72,8 +72,8 @@ def serve(argv: Sequence[str], env: Mapping[str, str]) -> int:
             print(f"sluice serve: {problem}", file=sys.stderr)
         return EXIT_USAGE
     # Imported late so the client commands never load the engine; `run(config) -> int` is the server's
-    # entry point (service/server.py).
-    run: Callable[[Config], int] = importlib.import_module("service.server").run
+    # entry point (service/app.py).
+    run: Callable[[Config], int] = importlib.import_module("service.app").run
     return run(config)
 
 
