@@ -119,12 +119,18 @@ class DecoderSession:
             attention_mask: (batch, total) int64, ones over each row's valid positions (right padded).
             logits_out: (batch, 1, vocab) float32 C-contiguous buffer receiving the last position's logits.
         """
-        batch = input_ids.shape[0]
+        batch, seq = input_ids.shape
         io = self._binding(kv, start, start + batch)
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", attention_mask)
-        io.bind_output("logits", "cpu", 0, np.float32, list(logits_out.shape), logits_out.ctypes.data)
+        target = logits_out
+        if not self.logits_last_only and seq > 1:
+            # genai-style exports return every position: (batch, seq, vocab) scratch, keep the last row.
+            target = np.empty((batch, seq, self.vocab_size), np.float32)
+        io.bind_output("logits", "cpu", 0, np.float32, list(target.shape), target.ctypes.data)
         self.session.run_with_iobinding(io)
+        if target is not logits_out:
+            logits_out[:] = target[:, -1:]
 
     def end_profiling(self) -> str | None:
         try:
