@@ -2,12 +2,13 @@
 
 Layout per layer: keys[i], values[i] of shape (slots, kv_heads, capacity, head_dim). A slot is one row of
 the batch axis, so any contiguous range of slots is a contiguous view that can be bound to onnxruntime
-without a copy. Buffers come from np.zeros (calloc): pages are committed only when a slot first writes
+without a copy. Buffers are anonymous mmaps with small pages: pages are committed only when a slot first writes
 them, so resident memory follows use, while the reservation is bounded by config (slots x capacity).
 """
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,16 @@ class KVLayout:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize
 
 
+def _lazy_zeros(shape: tuple[int, ...], dtype: np.dtype[np.generic]) -> np.ndarray:
+    """Zeroed anonymous memory committed 4 KiB at a time. np.zeros asks for 2 MiB transparent huge pages on
+    large arrays, so the first write to a head's (capacity, head_dim) region would commit all of it."""
+    count = int(np.prod(shape))
+    mem = mmap.mmap(-1, max(1, count * dtype.itemsize))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+        mem.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mem, dtype=dtype, count=count).reshape(shape)
+
+
 class KVCache:
     """Owns the buffers, which slot is free, and how many positions each slot holds."""
 
@@ -36,8 +47,8 @@ class KVCache:
         self.layout = layout
         shape = (layout.slots, layout.kv_heads, layout.capacity, layout.head_dim)
         # (slots, kv_heads, capacity, head_dim) per layer
-        self.keys = [np.zeros(shape, layout.dtype) for _ in range(layout.num_layers)]
-        self.values = [np.zeros(shape, layout.dtype) for _ in range(layout.num_layers)]
+        self.keys = [_lazy_zeros(shape, layout.dtype) for _ in range(layout.num_layers)]
+        self.values = [_lazy_zeros(shape, layout.dtype) for _ in range(layout.num_layers)]
         self.lengths = np.zeros(layout.slots, dtype=np.int64)  # valid positions per slot
         self._free = set(range(layout.slots))
 
