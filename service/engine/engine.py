@@ -38,6 +38,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per step, so a long prefill can't stall running streams
     graph_optimization: str = "all"
     profile_prefix: str | None = None
+    prefix_cache_slots: int = 0  # slots pinned for recurring prompt prefixes (the guard engine uses 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +128,9 @@ class Engine:
         self.config = config
         self.max_context = min(config.max_context or spec.context_length, spec.context_length)
         self.kv = KVCache(session.kv_layout(config.max_slots, self.max_context))
-        eos = spec.eos_ids | tokenizer.eos_ids
-        self.scheduler = Scheduler(session, self.kv, tokenizer, eos, config.prefill_chunk, self.max_context)
+        self.eos_ids = spec.eos_ids | tokenizer.eos_ids
+        self.scheduler = Scheduler(session, self.kv, tokenizer, self.eos_ids, config.prefill_chunk, self.max_context,
+                                   config.prefix_cache_slots)
         self._cv = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
         self._cancels: list[RequestHandle] = []

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.engine.kv_cache import KVCache
+from service.engine.prefix_cache import PrefixCache
 from service.engine.sampler import SampledToken, greedy_batch
 from service.engine.sequence import Phase, Sequence, attention_mask
 from service.engine.session import DecoderSession
-from service.engine.types import FinishReason, TokenEvent
+from service.engine.types import FinishReason, TokenEvent, TokenLogprob
 from service.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ class Scheduler:
     """Continuous batching over a fixed set of KV slots."""
 
     def __init__(self, session: DecoderSession, kv: KVCache, tokenizer: Tokenizer, eos_ids: frozenset[int],
-                 prefill_chunk: int, max_context: int) -> None:
+                 prefill_chunk: int, max_context: int, prefix_cache_slots: int = 0) -> None:
         self.session = session
         self.kv = kv
         self.tokenizer = tokenizer
@@ -38,6 +39,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.max_context = max_context
         self.running: dict[RequestHandle, Sequence] = {}
+        self.prefixes = PrefixCache(kv, prefix_cache_slots)
         slots = kv.layout.slots
         # Preallocated per-step buffers: logits (slots, 1, vocab) and decode input ids (slots, 1).
         self._logits = np.zeros((slots, 1, session.vocab_size), np.float32)
@@ -76,6 +78,10 @@ class Scheduler:
             self.kv.release(slot)
             out.setdefault(h, []).append(TokenEvent(None, "", finish_reason=FinishReason.ERROR))
             return
+        n = req.cache_prefix_len
+        if 0 < n < len(req.prompt_ids):
+            restored = self.prefixes.restore(req.prompt_ids[:n], slot)
+            seq.prefilled = restored
         self.running[h] = seq
 
     def _end(self, h: RequestHandle, reason: FinishReason, out: dict[RequestHandle, list[TokenEvent]]) -> None:
@@ -111,9 +117,13 @@ class Scheduler:
         self.kv.append(seq.slot, len(chunk))
         seq.prefilled += len(chunk)
         self.prompt_tokens += len(chunk)
+        n = seq.req.cache_prefix_len
+        if 0 < n <= seq.prefilled and not self.prefixes.has(seq.req.prompt_ids[:n]):
+            self.prefixes.store(seq.req.prompt_ids[:n], seq.slot)
         if seq.prefilled == seq.prompt_len:
             seq.phase = Phase.DECODE
-            self._accept(h, seq, seq.sampler.sample(logits[0, 0]), out)
+            scored = _score(logits[0, 0], seq.req.score_token_ids)
+            self._accept(h, seq, seq.sampler.sample(logits[0, 0]), out, scored)
 
     # -- decode -----------------------------------------------------------------------------------------
     def _decode(self, out: dict[RequestHandle, list[TokenEvent]]) -> None:
@@ -154,9 +164,9 @@ class Scheduler:
             self._accept(h, s, sampled, out)
 
     def _accept(self, h: RequestHandle, seq: Sequence, sampled: SampledToken,
-                out: dict[RequestHandle, list[TokenEvent]]) -> None:
+                out: dict[RequestHandle, list[TokenEvent]], scored: tuple[TokenLogprob, ...] = ()) -> None:
         try:
-            ev = seq.accept(sampled)
+            ev = seq.accept(sampled, scored)
         except Exception:
             log.exception("token handling failed for request %s", seq.req.request_id)
             self._end(h, FinishReason.ERROR, out)
@@ -178,3 +188,12 @@ class Scheduler:
             self._end(h, reason, out)
         for h, events in out.items():
             h._deliver(events)
+
+
+def _score(logits: np.ndarray, token_ids: tuple[int, ...]) -> tuple[TokenLogprob, ...]:
+    """Full-vocabulary log-softmax of the raw logits at `token_ids` (e.g. P("unsafe") for a guard)."""
+    if not token_ids:
+        return ()
+    x = logits.astype(np.float64)
+    lse = float(np.log(np.exp(x - x.max()).sum()) + x.max())
+    return tuple(TokenLogprob(t, float(x[t]) - lse) for t in token_ids)

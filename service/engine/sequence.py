@@ -60,7 +60,7 @@ class Sequence:
         """The next prompt chunk to prefill (at most `chunk` tokens)."""
         return self.req.prompt_ids[self.prefilled : self.prefilled + chunk]
 
-    def accept(self, sampled: SampledToken) -> TokenEvent:
+    def accept(self, sampled: SampledToken, scored: tuple[TokenLogprob, ...] = ()) -> TokenEvent:
         """Consumes one sampled token: updates penalties, detokenizes, applies stop rules."""
         now = time.perf_counter()
         if self.generated == 0:
@@ -72,13 +72,13 @@ class Sequence:
         self.next_input = tok
         lp, top = self._logprobs(sampled)
         if res.finish is None:
-            return TokenEvent(token_id=tok, text=res.emit, logprob=lp, top_logprobs=top)
+            return TokenEvent(token_id=tok, text=res.emit, logprob=lp, top_logprobs=top, scored=scored)
         text = res.emit
         if res.finish is not FinishReason.EOS and res.finish is not FinishReason.STOP_SEQUENCE:
             text += self.stop.flush()
         self.phase = Phase.DONE
         return TokenEvent(token_id=tok, text=text, logprob=lp, top_logprobs=top, finish_reason=res.finish,
-                          usage=self.usage(), timings=self.timings(now))
+                          usage=self.usage(), timings=self.timings(now), scored=scored)
 
     def abort(self, reason: FinishReason) -> TokenEvent:
         """Ends the sequence without a token (cancel, deadline, error, content filter)."""

@@ -51,6 +51,10 @@ class GenerationRequest:
         stop: stop strings; matched on the decoded text, also across token boundaries; never emitted.
         deadline: absolute `time.monotonic()` after which the request ends with `FinishReason.DEADLINE`.
         arrival: `time.perf_counter()` when the request arrived (TTFT is measured from here).
+        cache_prefix_len: a hint that the first N prompt tokens recur across requests: the engine keeps
+            their KV in a pinned slot (when `prefix_cache_slots` allows) and copies it instead of prefilling.
+        score_token_ids: the first event carries these tokens' log-probabilities (full-vocabulary
+            log-softmax of the raw logits) in `TokenEvent.scored`.
     """
 
     request_id: str
@@ -60,6 +64,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     deadline: float | None = None
     arrival: float = 0.0
+    cache_prefix_len: int = 0  # the first N prompt tokens are a reusable prefix (e.g. a guard policy)
+    score_token_ids: tuple[int, ...] = ()  # report these tokens' logprobs at the first generated position
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +105,4 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None  # set on the last event
     timings: Timings | None = None  # set on the last event
+    scored: tuple[TokenLogprob, ...] = ()  # first event only: the request's score_token_ids
