@@ -49,3 +49,9 @@ bench: venv protos model
 
 clean:
 	rm -rf service/_pb build .pytest_cache .mypy_cache .ruff_cache
+
+# The peers of `make bench` (llama-cpp-python built from source once, ~10 min, wheel cached in .cache/wheels;
+# onnxruntime-genai) in their own venv, .cache/bench-venv: bench-only, never project dependencies.
+.PHONY: bench-deps
+bench-deps: venv
+	$(PY) -m bench.setup_peers

@@ -1,0 +1,175 @@
+"""Exact numbers for the benchmark's pure parts: report (medians, ratios, table, JSON) and trace maths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.harness import Job, StreamTrace, aggregate_rate
+from bench.prompts import ids_digest, prompt_ids, prompt_text
+
+
+def test_median_odd_even_and_empty() -> None:
+    assert report.median([3.0, 1.0, 2.0]) == 2.0
+    assert report.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert report.median([]) is None
+
+
+def test_ratio_is_ours_over_peer_and_none_when_undefined() -> None:
+    assert report.ratio(150.0, 100.0) == 1.5
+    assert report.ratio(None, 100.0) is None
+    assert report.ratio(150.0, None) is None
+    assert report.ratio(150.0, 0.0) is None
+
+
+def test_metric_specs_follow_job_sizes_and_mark_lower_is_better() -> None:
+    specs = report.metric_specs((128, 512), (1, 4))
+    keys = [m.key for m in specs]
+    assert keys[:5] == [
+        "prefill_128_tok_s",
+        "prefill_512_tok_s",
+        "ttft_128_ms",
+        "ttft_512_ms",
+        "decode_tok_s",
+    ]
+    assert "agg_c4_tok_s" in keys and "agg_c8_tok_s" not in keys
+    by_key = {m.key: m for m in specs}
+    assert by_key["ttft_128_ms"].heading == "TTFT, 128-token prompt (ms, lower is better)"
+    assert by_key["decode_tok_s"].heading == "decode, 1 stream (tok/s)"
+
+
+def _result(system: str, phase: str, samples: dict[str, list[float]], rss: float) -> dict[str, object]:
+    return {
+        "system": system,
+        "phase": phase,
+        "samples": samples,
+        "digests": {"s0_128": "abc"},
+        "notes": [],
+        "info": {"threads": 2},
+        "peak_rss_mib": rss,
+    }
+
+
+def test_merge_phases_folds_rss_per_phase_and_keeps_errors() -> None:
+    merged = report.merge_phases(
+        [
+            _result("genai", "single", {"decode_tok_s": [140.0, 150.0]}, 369.0),
+            _result("genai", "concurrent", {"agg_c4_tok_s": [297.0]}, 512.0),
+            {"system": "sluice", "phase": "single", "error": "engine missing"},
+        ]
+    )
+    assert merged["genai"]["samples"] == {
+        "decode_tok_s": [140.0, 150.0],
+        "rss_single_mib": [369.0],
+        "agg_c4_tok_s": [297.0],
+        "rss_concurrent_mib": [512.0],
+    }
+    assert merged["sluice"]["errors"] == ["single: engine missing"]
+
+
+def test_digest_mismatches_names_the_prompt_and_systems() -> None:
+    same = {"a": {"s0_128": "x", "s0_512": "y"}, "b": {"s0_128": "x"}}
+    assert report.digest_mismatches(same) == []
+    differ = {"a": {"s0_128": "x"}, "b": {"s0_128": "z"}}
+    assert report.digest_mismatches(differ) == ["prompt s0_128: a=x, b=z"]
+
+
+def test_table_rows_format_values_and_ratios_and_skip_empty_rows() -> None:
+    medians = {
+        "sluice": {"decode_tok_s": 150.0, "rss_single_mib": 400.4},
+        "llama.cpp": {"decode_tok_s": 100.0, "rss_single_mib": 258.0},
+        "genai": {"decode_tok_s": 142.0},
+    }
+    metrics = report.metric_specs((128,), (1,))
+    rows = report.table_rows(medians, metrics)
+    assert rows == [
+        ["decode, 1 stream (tok/s)", "150.0", "100.0", "142.0", "1.50x", "1.06x"],
+        ["peak RSS, single-stream process (MiB, lower is better)", "400", "258", "n/a", "1.55x", "n/a"],
+    ]
+
+
+def test_format_table_is_aligned_markdown() -> None:
+    text = report.format_table(["m", "a"], [["decode", "1.5"], ["x", "10.25"]])
+    assert text.splitlines() == [
+        "| m      |     a |",
+        "|--------|------:|",
+        "| decode |   1.5 |",
+        "| x      | 10.25 |",
+    ]
+
+
+def test_build_report_and_write_json_roundtrip(tmp_path: Path) -> None:
+    merged = report.merge_phases(
+        [
+            _result("sluice", "single", {"decode_tok_s": [120.0, 130.0, 125.0]}, 300.0),
+            _result("genai", "single", {"decode_tok_s": [100.0]}, 400.0),
+        ]
+    )
+    context = {"date": "2025-01-31T10:00:00+00:00", "machine": {"cpu": "x", "cores_usable": 2}, "job": {}}
+    doc = report.build_report(merged, report.metric_specs((128,), (1,)), context)
+    genai_ratios = doc["ratios"]["genai"]  # type: ignore[index]
+    assert genai_ratios["decode_tok_s"] == 1.25  # median 125 / 100
+    assert genai_ratios["rss_single_mib"] == 0.75  # 300 / 400 MiB
+    assert genai_ratios["prefill_128_tok_s"] is None  # neither side measured it
+    assert doc["prompt_ids_match"] is True
+    path = report.results_path(tmp_path / "results", "2025-01-31")
+    report.write_json(doc, path)
+    assert path.name == "2025-01-31.json"
+    assert json.loads(path.read_text())["systems"]["sluice"]["median"]["decode_tok_s"] == 125.0
+
+
+def test_render_summary_surfaces_errors_and_mismatches() -> None:
+    merged = report.merge_phases(
+        [
+            {"system": "sluice", "phase": "single", "error": "no engine"},
+            _result("genai", "single", {"decode_tok_s": [100.0]}, 400.0),
+        ]
+    )
+    merged["genai"]["digests"] = {"s0_128": "zzz"}
+    merged["llama.cpp"] = {**merged["genai"], "digests": {"s0_128": "yyy"}}
+    context = {"date": "2025-01-31T10:00", "machine": {"cpu": "Xeon", "cores_usable": 2},
+               "job": {"threads": 2, "runs": 5, "new_tokens": 128}}  # fmt: skip
+    text = report.render_summary(report.build_report(merged, report.metric_specs((128,), (1,)), context))
+    assert text.startswith("Sluice bench 2025-01-31T10:00 | Xeon, 2 cores usable | threads=2 runs=5")
+    assert "sluice ERROR single: no engine" in text
+    assert "MISMATCH prompt s0_128: genai=zzz, llama.cpp=yyy" in text
+
+
+def test_stream_trace_ttft_and_decode_rate() -> None:
+    trace = StreamTrace(start=10.0, token_times=[10.5, 10.6, 10.7, 10.9])
+    assert trace.ttft == pytest.approx(0.5)
+    assert trace.decode_rate() == pytest.approx(3 / 0.4)
+    assert StreamTrace(start=0.0, token_times=[1.0]).decode_rate() == 0.0
+
+
+def test_aggregate_rate_spans_first_submit_to_last_token() -> None:
+    traces = [
+        StreamTrace(start=0.0, token_times=[0.5, 1.0]),
+        StreamTrace(start=0.5, token_times=[1.0, 1.5, 2.0]),
+        StreamTrace(start=0.2, token_times=[]),
+    ]
+    assert aggregate_rate(traces) == pytest.approx(5 / 2.0)
+    assert aggregate_rate([StreamTrace(start=0.0)]) == 0.0
+
+
+def test_job_from_json_restores_tuples() -> None:
+    job = Job.from_json({"model_dir": "m", "gguf": "g", "concurrency": [1, 8], "prompt_lengths": [64]})
+    assert job.concurrency == (1, 8) and job.prompt_lengths == (64,) and job.runs == 5
+
+
+def test_prompts_differ_per_stream_and_cut_exactly() -> None:
+    assert prompt_text(0) != prompt_text(10)  # same paragraph rotation, different heading
+    assert prompt_text(0).startswith("Chapter 1.\n\nThe lighthouse keeper")
+
+    def words(text: str) -> list[int]:
+        return [len(w) for w in text.split()]  # a stand-in tokenizer: one id per word
+
+    ids = prompt_ids(words, 3, 512)
+    assert len(ids) == 512 and ids == words(prompt_text(3))[:512]
+    with pytest.raises(ValueError, match="fewer than the 100000 needed"):
+        prompt_ids(words, 0, 100_000)
+    assert ids_digest([1, 2, 3]) == ids_digest([1, 2, 3]) != ids_digest([1, 2, 4])
+    assert len(ids_digest([1])) == 16
