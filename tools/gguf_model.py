@@ -18,7 +18,7 @@ from tools import quant
 from tools.quant import QuantLinear
 
 # Tensor types the converter reads; anything else is refused with a clear message.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 EXACT_LOADERS = {"Q4_0": quant.from_q4_0, "Q4_1": quant.from_q4_1, "Q8_0": quant.from_q8_0, "Q4_K": quant.from_q4_k}
 
 
@@ -64,6 +64,9 @@ class GGUFModel:
             if t.tensor_type.name not in SUPPORTED_TYPES:
                 raise ValueError(f"tensor {t.name} has type {t.tensor_type.name}; supported: {SUPPORTED_TYPES}")
         self.spec = self._spec()
+        if self.spec.head_dim % 16:
+            # onnxruntime's GroupQueryAttention kernels need it; fail at conversion, not at serving time.
+            raise ValueError(f"head_dim {self.spec.head_dim} is not a multiple of 16")
 
     def _spec(self) -> LlamaSpec:
         r = self.reader

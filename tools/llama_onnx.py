@@ -65,12 +65,13 @@ def _io(spec_layers: int, kv_heads: int, head_dim: int, vocab: int, hidden: int,
     return inputs, outputs
 
 
-def _embedding(g: GraphBuilder, model: GGUFModel, precision: str) -> tuple[str, QuantLinear | np.ndarray]:
+def _embedding(g: GraphBuilder, model: GGUFModel, w: _Weights) -> tuple[str, QuantLinear | np.ndarray]:
     """Token embedding gather; returns (hidden, the table) so a tied lm_head can share it."""
-    if precision == "fp32":
-        table = model.float_tensor("token_embd.weight")  # (vocab, hidden)
+    if w.precision == "fp32":
+        table = w.dense("token_embd.weight")  # (vocab, hidden)
         return g.op("Gather", [g.init("embed.weight", table), "input_ids"], "embed/Gather")[0], table
     q = model.embedding_8bit("token_embd.weight")
+    w.report[f"{model.type_of('token_embd.weight')} -> embedding 8-bit {_how(q)}"] += 1
     vocab, hidden = q.shape
     codes = g.init("lm_head.qweight", q.packed())  # (vocab, hidden/32, 32) uint8, shared with the lm_head
     # One copy of the scales serves both the gather (viewed as (vocab, nb, 1)) and the tied lm_head.
@@ -99,12 +100,12 @@ def _lm_head(g: GraphBuilder, x: str, table: QuantLinear | np.ndarray, model: GG
         y = float_linear(g, x, w.dense("output.weight"), "lm_head")
         return g.op("Identity", [y], "lm_head/out", outputs=["logits"])[0]
     if tied:
-        q = table
+        q = table  # counted once, as the embedding
         ins = [x, "lm_head.qweight", "lm_head.scales"]
     else:
         q = model.embedding_8bit("output.weight")
         ins = [x, g.init("lm_head.out_qweight", q.packed()), g.init("lm_head.out_scales", q.scale.reshape(-1))]
-    w.report[f"{model.type_of('token_embd.weight' if tied else 'output.weight')} -> lm_head 8-bit"] += 1
+        w.report[f"{model.type_of('output.weight')} -> lm_head 8-bit {_how(q)}"] += 1
     if q.minimum is not None:  # affine 8-bit source: go through the generic path
         y = quant_linear(g, x, q, "lm_head.affine", opts)
         return g.op("Identity", [y], "lm_head/out", outputs=["logits"])[0]
@@ -140,7 +141,7 @@ def build(model: GGUFModel, opts: BuildOptions) -> tuple[onnx.ModelProto, dict[s
     g.init("cos_cache", cos)
     g.init("sin_cache", sin)
 
-    h, table = _embedding(g, model, opts.precision)
+    h, table = _embedding(g, model, w)
     q_order = unpermute_qk_rows(s.num_heads * s.head_dim, s.num_heads)
     k_order = unpermute_qk_rows(s.num_kv_heads * s.head_dim, s.num_kv_heads)
     wanted = set(opts.hidden_layers)
@@ -203,3 +204,7 @@ def _last(g: GraphBuilder, x: str, hint: str) -> str:
     starts, ends = g.const_i64(g.name(f"{hint}/st"), [-1]), g.const_i64(g.name(f"{hint}/en"), [2**62])
     axes = g.const_i64(g.name(f"{hint}/ax"), [1])
     return g.op("Slice", [x, starts, ends, axes], f"{hint}/last")[0]
+
+
+def _how(q: QuantLinear) -> str:
+    return "exact" if q.exact else "re-quantized"

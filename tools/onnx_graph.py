@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -40,7 +41,7 @@ class GraphBuilder:
         return name
 
     def op(self, op_type: str, inputs: Sequence[str], hint: str, n_out: int = 1, domain: str = "",
-           outputs: Sequence[str] | None = None, **attrs: object) -> list[str]:
+           outputs: Sequence[str] | None = None, **attrs: Any) -> list[str]:
         outs = list(outputs) if outputs is not None else [self.name(f"{hint}/out{i}") for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.name(hint), domain=domain,
                                            **attrs))

