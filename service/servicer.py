@@ -138,7 +138,7 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
                        context: Context) -> moderation_pb2.ModerateResponse:
         self.life.check()
         if self.pipeline.moderator is None:
-            raise GuardDisabled("this server runs without a guard (guard.backend = none)")
+            raise GuardDisabled()  # the same message as GuardOptions on a guard-less server (docs/API.md)
         validate_moderate(request, self.limits)
         policy = self.pipeline.request_policy(convert.policy_options_from_proto(request.guard))
         verdict = await self.pipeline.judge(convert.messages_from_proto(request.messages),
