@@ -55,3 +55,12 @@ clean:
 .PHONY: bench-deps
 bench-deps: venv
 	$(PY) -m bench.setup_peers
+
+# promtool, from the Debian package prometheus, for the metrics tests: `promtool check metrics` on a scrape,
+# `promtool check rules` and `promtool test rules` on deploy/prometheus/alerts.yaml. Idempotent: nothing to do
+# when promtool is on PATH (the package's service is not started: no init system in containers).
+SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
+.PHONY: tools-deb
+tools-deb:
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus; }
+	@promtool --version | head -1

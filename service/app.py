@@ -18,7 +18,9 @@ from service import __version__
 from service._pb.sluice.v1 import generation_pb2
 from service.config import Config, GuardBackend
 from service.engine.engine import Engine, EngineConfig
+from service.grpc_metrics import CallInterceptor, CallObserver, RecordingSink
 from service.guard_factory import build_moderator
+from service.logs import RequestLogger
 from service.pipeline import Pipeline, PromptRenderer
 from service.server import SluiceServer, install_signal_handlers, start_server
 from service.servicer import GenerationServicer, Lifecycle, ModerationServicer, ServingInfo
@@ -90,9 +92,17 @@ async def start(config: Config, stats: StatsSink | None = None,
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, Engine.load, config.engine.model, engine_config(config))
     engine.start()
-    app = build_app(config, engine, stats, moderator)
+    # The pipeline reports through RecordingSink, so each call's end carries its RequestRecord (grpc_metrics).
+    app = build_app(config, engine, RecordingSink(stats), moderator)
+    attach_engine = getattr(stats, "attach_engine", None)  # metrics.PrometheusSink: engine gauges at scrape time
+    if callable(attach_engine):
+        attach_engine(engine)
+    observers: list[CallObserver] = [RequestLogger(config.log.text)]
+    if isinstance(stats, CallObserver):
+        observers.append(stats)
     token = config.security.auth_token.reveal() if config.security.auth_token else None
-    server = await start_server(config, app.generation, app.moderation, app.life, token)
+    server = await start_server(config, app.generation, app.moderation, app.life, token,
+                                extra_interceptors=[CallInterceptor(observers)])
     await loop.run_in_executor(None, engine.warmup)
     server.on_drain.append(engine.stop_accepting)
     server.on_stop.append(engine.stop)
@@ -107,9 +117,7 @@ async def serve(config: Config) -> int:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     sink = start_metrics(config)
-    app, server = await start(config, stats=sink)
-    if hasattr(sink, "attach_engine"):
-        sink.attach_engine(app.engine)
+    _app, server = await start(config, stats=sink)
     await stop.wait()
     await server.drain()
     return 0

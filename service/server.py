@@ -12,7 +12,7 @@ import hmac
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,8 +131,11 @@ class SluiceServer:
 
 
 async def start_server(config: Config, generation: GenerationServicer, moderation: ModerationServicer,
-                       life: Lifecycle, auth_token: str | None) -> SluiceServer:
-    interceptors: list[Any] = [ErrorInterceptor()]
+                       life: Lifecycle, auth_token: str | None,
+                       extra_interceptors: Sequence[Any] = ()) -> SluiceServer:
+    # extra_interceptors run outermost (first), so an observing one (grpc_metrics.CallInterceptor) sees the
+    # statuses the error mapping and the auth check produce.
+    interceptors: list[Any] = [*extra_interceptors, ErrorInterceptor()]
     if auth_token:
         interceptors.append(TokenAuthInterceptor(auth_token))
     server = grpc.aio.server(interceptors=interceptors, options=channel_options(config.server))
