@@ -19,7 +19,7 @@ from service._pb.sluice.v1 import generation_pb2
 from service.config import Config, GuardBackend
 from service.engine.engine import Engine, EngineConfig
 from service.grpc_metrics import CallInterceptor, CallObserver, RecordingSink
-from service.guard_factory import build_moderator
+from service.guard_factory import build_guard
 from service.logs import RequestLogger
 from service.pipeline import Pipeline, PromptRenderer
 from service.server import SluiceServer, install_signal_handlers, start_server
@@ -39,6 +39,7 @@ class App:
     generation: GenerationServicer
     moderation: ModerationServicer
     life: Lifecycle
+    guard_engines: list[Engine]  # a llama_guard backend's own engine(s), stopped with the main one
 
 
 def engine_config(config: Config) -> EngineConfig:
@@ -63,8 +64,10 @@ def build_app(config: Config, engine: Engine, stats: StatsSink | None = None,
               moderator: Moderator | None = None) -> App:
     """Wires a loaded engine into servicers. `moderator` overrides the configured backend (tests)."""
     policy = policy_from_config(config)
+    guard_engines: list[Engine] = []
     if moderator is None and config.guard.backend is not GuardBackend.NONE:
-        moderator = build_moderator(config, policy, engine)
+        built = build_guard(config, policy)
+        moderator, guard_engines = built.moderator, built.engines
     if moderator is not None:
         moderator = FailSafeModerator(moderator, policy)
     model_dir = engine.spec.path
@@ -83,7 +86,7 @@ def build_app(config: Config, engine: Engine, stats: StatsSink | None = None,
                        has_chat_template=template is not None, guard=guard_info, server_version=__version__)
     life = Lifecycle()
     return App(config, engine, pipeline, GenerationServicer(pipeline, limits, info, life),
-               ModerationServicer(pipeline, limits, life), life)
+               ModerationServicer(pipeline, limits, life), life, guard_engines)
 
 
 async def start(config: Config, stats: StatsSink | None = None,
@@ -106,6 +109,7 @@ async def start(config: Config, stats: StatsSink | None = None,
     await loop.run_in_executor(None, engine.warmup)
     server.on_drain.append(engine.stop_accepting)
     server.on_stop.append(engine.stop)
+    server.on_stop.extend(e.stop for e in app.guard_engines)
     await server.set_serving(True)
     log.info("serving %s (%s) on port %d", engine.spec.name, engine.spec.precision, server.port)
     return app, server

@@ -53,10 +53,3 @@ def _guard_engine(config: Config) -> Engine:
 def build_classifier(config: Config) -> Moderator:
     raise ValueError("the embedded classifier is not available in this build")
 
-
-def build_moderator(config: Config, policy: Policy, engine: Engine) -> Moderator:
-    """Deprecated shim kept until service/app.py switches to build_guard."""
-    built = build_guard(config, policy)
-    if built.moderator is None:
-        raise ValueError("guard.backend is none")
-    return built.moderator
