@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +44,25 @@ class Lifecycle:
     def __init__(self) -> None:
         self.draining = False
         self.in_flight = 0
+        # Set while nothing is in flight, so a drain waits for it instead of polling the count.
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def check(self) -> None:
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica")
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Counts one generation call as in flight for its whole duration."""
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
 
 
 def _raise_for(final: Final) -> None:
@@ -75,8 +92,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: Context) -> AsyncIterator[generation_pb2.GenerateResponse]:
         cmd = self._command(request, "Generate", context)
-        self.life.in_flight += 1
-        try:
+        with self.life.track():
             async for item in self.pipeline.generate(cmd):
                 if isinstance(item, Chunk):
                     if item.events:
@@ -84,14 +100,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     continue
                 _raise_for(item)
                 yield generation_pb2.GenerateResponse(final=convert.final_to_proto(item))
-        finally:
-            self.life.in_flight -= 1
 
     async def Complete(self, request: generation_pb2.CompleteRequest,
                        context: Context) -> generation_pb2.CompleteResponse:
         cmd = self._command(request, "Complete", context)
-        self.life.in_flight += 1
-        try:
+        with self.life.track():
             resp = generation_pb2.CompleteResponse()
             texts: list[str] = []
             async for item in self.pipeline.generate(cmd):
@@ -104,8 +117,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 resp.final.CopyFrom(convert.final_to_proto(item))
             resp.text = "".join(texts)
             return resp
-        finally:
-            self.life.in_flight -= 1
 
     async def Tokenize(self, request: generation_pb2.TokenizeRequest,
                        context: Context) -> generation_pb2.TokenizeResponse:
