@@ -13,7 +13,7 @@ from pathlib import Path
 
 from guard.moderator import Moderator
 from guard.policy import FailSafeModerator, Policy
-from guard.taxonomy import BUILTIN_CODES
+from guard.taxonomy import BUILTIN_CODES, sort_codes
 from service import __version__
 from service._pb.sluice.v1 import generation_pb2
 from service.config import Config, GuardBackend
@@ -77,11 +77,11 @@ def build_app(config: Config, engine: Engine, stats: StatsSink | None = None,
     pipeline = Pipeline(engine, renderer, moderator, policy, stats)
     limits = limits_from_config(config, policy.known_codes)
     guard_info = generation_pb2.GuardInfo(
-        backend=config.guard.backend.value, enabled_categories=sorted(policy.active_codes),
-        categories=sorted(policy.known_codes), input_threshold=policy.input_threshold,
+        backend=config.guard.backend.value, enabled_categories=sort_codes(policy.active_codes),
+        categories=sort_codes(policy.known_codes), input_threshold=policy.input_threshold,
         output_threshold=policy.output_threshold, release_window_tokens=policy.release_window_tokens,
         fail_open=policy.fail_open)
-    info = ServingInfo(model_name=engine.spec.name, precision=engine.spec.precision,
+    info = ServingInfo(model_name=engine.spec.path.name, precision=engine.spec.precision,
                        context_length=engine.max_context, vocab_size=engine.tokenizer.vocab_size,
                        has_chat_template=template is not None, guard=guard_info, server_version=__version__)
     life = Lifecycle()

@@ -8,6 +8,7 @@ an error.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -135,7 +136,8 @@ class Pipeline:
         arrival = cmd.arrival or time.perf_counter()
         policy = self.request_policy(cmd.guard)
         conversation = cmd.messages or (Message("user", cmd.prompt or ""),)
-        ids = self.renderer.render(cmd.prompt, cmd.messages)
+        # In a worker thread: tokenizing a multi-megabyte prompt must not stall every other stream.
+        ids = await asyncio.to_thread(self.renderer.render, cmd.prompt, cmd.messages)
         if len(ids) >= self.engine.max_context:
             raise PromptTooLong(len(ids), self.engine.max_context, "prompt" if cmd.prompt is not None else "messages")
         rec = _Recorder(cmd.rpc, arrival, len(ids))

@@ -122,7 +122,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                        context: Context) -> generation_pb2.TokenizeResponse:
         validate_tokenize(request, self.limits)
         is_prompt = request.WhichOneof("input") == "prompt"
-        ids = self.pipeline.renderer.render(
+        ids = await asyncio.to_thread(
+            self.pipeline.renderer.render,
             request.prompt if is_prompt else None,
             () if is_prompt else convert.messages_from_proto(request.messages.messages))
         return generation_pb2.TokenizeResponse(token_ids=ids, token_count=len(ids))

@@ -228,11 +228,17 @@ class Engine:
                 waiting_cancelled = [h for h in cancels if h in self._waiting]
                 for h in waiting_cancelled:
                     self._waiting.remove(h)
+                now = time.monotonic()
+                expired = [h for h in self._waiting if h.request.deadline is not None and now >= h.request.deadline]
+                for h in expired:
+                    self._waiting.remove(h)
                 admitted: list[RequestHandle] = []
                 while self._waiting and self.kv.free_slots > len(admitted):
                     admitted.append(self._waiting.popleft())
             for h in waiting_cancelled:
                 h._deliver([TokenEvent(token_id=None, text="", finish_reason=FinishReason.CANCELLED)])
+            for h in expired:  # expired while waiting for a slot: no engine work was done
+                h._deliver([TokenEvent(token_id=None, text="", finish_reason=FinishReason.DEADLINE)])
             try:
                 s.step(admitted, [h for h in cancels if h not in waiting_cancelled], time.monotonic())
             except Exception:  # a bug in the step itself: fail what is running, keep the thread alive

@@ -180,7 +180,9 @@ class Tokenizer:
         Returns:
             Token ids.
         """
-        return list(self._hf.encode(text, add_special_tokens=False).ids)
+        # encode_batch releases the GIL while the Rust tokenizer works (encode does not), so a huge prompt
+        # tokenized in a worker thread does not stall the asyncio loop.
+        return list(self._hf.encode_batch([text], add_special_tokens=False)[0].ids)
 
     def encode_trusted(self, text: str) -> list[int]:
         """Tokenize server-rendered text: special-token strings become their control ids. No BOS added.

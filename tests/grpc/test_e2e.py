@@ -328,8 +328,6 @@ async def test_full_queue_is_resource_exhausted_at_once(tight: Served, monkeypat
     assert tight.engine.stats().waiting == 0
 
 
-@pytest.mark.xfail(strict=True, reason="tokenization holds the GIL on the event loop: a multi-megabyte prompt "
-                   "stalls every stream (fix: Tokenizer via encode_batch, which releases the GIL, run in a thread)")
 async def test_a_huge_prompt_does_not_stall_other_streams(
         served: Served, stub: generation_pb2_grpc.GenerationServiceStub) -> None:
     call = stub.Generate(counting_request(500), timeout=WAIT_SECONDS)
