@@ -147,10 +147,11 @@ class Scheduler:
             return
         greedy = [(h, s) for h, s in decoding if s.sampler.fast_greedy]
         if greedy:
-            picked = greedy_batch(logits[[s.slot for _, s in greedy], 0])
-            for (h, s), tok in zip(greedy, picked.tolist(), strict=True):
+            # Argmax over the (rows, vocab) view: no copy of the greedy rows' logits.
+            picked = greedy_batch(logits[:, 0]).tolist()
+            for h, s in greedy:
                 self.kv.append(s.slot, 1)
-                self._accept(h, s, SampledToken(tok, None, ()), out)
+                self._accept(h, s, SampledToken(picked[s.slot], None, ()), out)
         for h, s in decoding:
             if s.sampler.fast_greedy:
                 continue
