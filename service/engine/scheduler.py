@@ -122,8 +122,14 @@ class Scheduler:
             self.prefixes.store(seq.req.prompt_ids[:n], seq.slot)
         if seq.prefilled == seq.prompt_len:
             seq.phase = Phase.DECODE
-            scored = _score(logits[0, 0], seq.req.score_token_ids)
-            self._accept(h, seq, seq.sampler.sample(logits[0, 0]), out, scored)
+            try:
+                scored = _score(logits[0, 0], seq.req.score_token_ids)
+                sampled = seq.sampler.sample(logits[0, 0])
+            except Exception:  # this request's failure only: escaping the step would fail every request
+                log.exception("sampling failed for request %s", seq.req.request_id)
+                self._end(h, FinishReason.ERROR, out)
+                return
+            self._accept(h, seq, sampled, out, scored)
 
     # -- decode -----------------------------------------------------------------------------------------
     def _decode(self, out: dict[RequestHandle, list[TokenEvent]]) -> None:
