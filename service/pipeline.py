@@ -19,7 +19,7 @@ from guard.moderator import Message, Moderator, Role, Stage, Verdict
 from guard.policy import Policy, PolicyError, PolicyOptions
 from guard.stream import StreamGuard
 from service.engine.types import FinishReason, GenerationRequest, SamplingParams, Timings, TokenEvent, Usage
-from service.errors import InvalidArgument, PromptTooLong
+from service.errors import InvalidArgument, PromptTooLong, QueueFull
 from service.stats import NullSink, RequestRecord, StatsSink
 from service.text.chat import ChatTemplate
 from service.text.tokenizer import Tokenizer
@@ -43,6 +43,8 @@ class TextGenerator(Protocol):
     def max_context(self) -> int: ...
 
     def submit(self, req: GenerationRequest) -> EventStream: ...
+
+    def has_room(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +138,10 @@ class Pipeline:
         arrival = cmd.arrival or time.perf_counter()
         policy = self.request_policy(cmd.guard)
         conversation = cmd.messages or (Message("user", cmd.prompt or ""),)
+        # Over capacity, refuse before tokenizing or guarding: the client must learn it at once (it can go to
+        # another replica), and CPU spent on work that cannot be queued is taken from the running streams.
+        if not self.engine.has_room():
+            raise QueueFull()
         # In a worker thread: tokenizing a multi-megabyte prompt must not stall every other stream.
         ids = await asyncio.to_thread(self.renderer.render, cmd.prompt, cmd.messages)
         if len(ids) >= self.engine.max_context:

@@ -198,11 +198,26 @@ class Engine:
         handle = RequestHandle(self, req, loop if isinstance(loop, asyncio.AbstractEventLoop) else None)
         with self._cv:
             # Requests beyond the free slots wait in the bounded queue; a full queue rejects at once.
-            if len(self._waiting) - self.kv.free_slots >= self.config.max_queue:
+            if not self._has_room_locked():
                 raise QueueFull()
             self._waiting.append(handle)
             self._cv.notify()
         return handle
+
+    def has_room(self) -> bool:
+        """False when a submit now would raise QueueFull: every slot busy and every queue place taken.
+
+        Lets a caller refuse work before spending anything on it (tokenizing, the input guard); `submit`
+        still decides, since capacity can change between the two calls.
+
+        Returns:
+            Whether one more request would be admitted or queued.
+        """
+        with self._cv:
+            return self._has_room_locked()
+
+    def _has_room_locked(self) -> bool:
+        return len(self._waiting) - self.kv.free_slots < self.config.max_queue
 
     def _cancel(self, handle: RequestHandle) -> None:
         with self._cv:
