@@ -61,10 +61,16 @@ class Job:
 
 @dataclass
 class StreamTrace:
-    """One stream's timestamps (seconds, perf_counter)."""
+    """One stream's timestamps (seconds, perf_counter) and the token ids it produced."""
 
     start: float
     token_times: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def add(self, token: int, at: float) -> None:
+        """Record one generated token and when the caller received it."""
+        self.tokens.append(token)
+        self.token_times.append(at)
 
     @property
     def n_tokens(self) -> int:
@@ -119,6 +125,7 @@ class Recorder:
         self.samples: dict[str, list[float]] = {}
         self.digests: dict[str, str] = {}
         self.notes: list[str] = []
+        self.greedy_ids: list[int] = []  # the single-stream decode's tokens: every system should agree
 
     def add(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
@@ -162,6 +169,7 @@ def run_single_phase(driver: Driver, job: Job) -> Recorder:
             rec.add(f"ttft_{length}_ms", trace.ttft * 1000.0)
             rec.add(f"prefill_{length}_tok_s", length / trace.ttft)
         trace = driver.generate([decode_prompt], job.new_tokens)[0]
+        rec.greedy_ids = trace.tokens
         rec.add("decode_tok_s", trace.decode_rate())
         rec.add("decode_tokens", float(trace.n_tokens))
     _note_short(rec, "decode_tokens", job.new_tokens)

@@ -108,7 +108,9 @@ def merge_phases(results: Sequence[Mapping[str, object]]) -> dict[str, dict[str,
     merged: dict[str, dict[str, object]] = {}
     for result in results:
         system = str(result["system"])
-        entry = merged.setdefault(system, {"samples": {}, "digests": {}, "notes": [], "info": {}, "errors": []})
+        entry = merged.setdefault(
+            system, {"samples": {}, "digests": {}, "notes": [], "info": {}, "errors": [], "greedy_ids": []}
+        )
         if "error" in result:
             _as_list(entry["errors"]).append(f"{result['phase']}: {result['error']}")
             continue
@@ -116,6 +118,8 @@ def merge_phases(results: Sequence[Mapping[str, object]]) -> dict[str, dict[str,
         samples.update(_as_dict(result.get("samples", {})))
         samples[f"rss_{result['phase']}_mib"] = [_number(result["peak_rss_mib"])]
         _as_dict(entry["digests"]).update(_as_dict(result.get("digests", {})))
+        if result.get("greedy_ids"):
+            entry["greedy_ids"] = result["greedy_ids"]
         _as_list(entry["notes"]).extend(f"{result['phase']}: {n}" for n in _as_list(result.get("notes", [])))
         info = _as_dict(entry["info"])
         info.update(_as_dict(result.get("info", {})))
@@ -142,6 +146,45 @@ def digest_mismatches(digests: Mapping[str, Mapping[str, str]]) -> list[str]:
         for key, seen in sorted(by_key.items())
         if len(set(seen.values())) > 1
     ]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two greedy continuations share.
+
+    Args:
+        a: token ids.
+        b: token ids.
+
+    Returns:
+        The length of the common prefix.
+    """
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def greedy_agreement(ids: Mapping[str, Sequence[int]]) -> dict[str, str]:
+    """For each pair of systems that both ran the single-stream decode: leading tokens in common / length.
+
+    Same weights and greedy decoding, but different kernels (llama.cpp quantizes activations to 8 bits,
+    onnxruntime's int4 matmul at its accuracy level too), so a late divergence at a near-tie is expected;
+    an early one points at a wrong model or prompt.
+
+    Args:
+        ids: system -> generated ids of the single-stream decode.
+
+    Returns:
+        "a vs b" -> "common/shorter length", pairs in sorted order.
+    """
+    names = sorted(s for s, seq in ids.items() if seq)
+    return {
+        f"{a} vs {b}": f"{common_prefix(ids[a], ids[b])}/{min(len(ids[a]), len(ids[b]))}"
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    }
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -236,12 +279,16 @@ def build_report(
         if p in medians
     }
     mismatches = digest_mismatches({s: _strings(e["digests"]) for s, e in merged.items()})
+    agreement = greedy_agreement(
+        {s: [int(_number(t)) for t in _as_list(e.get("greedy_ids", []))] for s, e in merged.items()}
+    )
     return {
         **context,
         "systems": {s: {**e, "median": medians[s]} for s, e in merged.items()},
         "ratios": ratios,
         "prompt_ids_match": not mismatches,
         "prompt_mismatches": mismatches,
+        "greedy_agreement": agreement,
         "table": format_table(table_header(peers), table_rows(medians, metrics, peers)),
     }
 
@@ -268,6 +315,10 @@ def render_summary(doc: Mapping[str, object]) -> str:
         lines += [f"{system} ERROR {e}" for e in _as_list(record["errors"])]
         lines += [f"{system} note: {n}" for n in _as_list(record["notes"])]
     lines += [f"MISMATCH {m}" for m in _as_list(doc["prompt_mismatches"])]
+    agreement = _as_dict(doc.get("greedy_agreement", {}))
+    if agreement:
+        pairs = ", ".join(f"{pair} {n}" for pair, n in agreement.items())
+        lines.append(f"greedy decode, leading tokens identical: {pairs}")
     loads = [
         f"{system} {key.removeprefix('load_avg_before_')} {value:.1f}"
         for system, entry in _as_dict(doc["systems"]).items()

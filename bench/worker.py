@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_s": load_s,
         "samples": rec.samples,
         "digests": rec.digests,
+        "greedy_ids": rec.greedy_ids,
         "notes": rec.notes,
         "peak_rss_mib": peak_rss_mib(),
     }

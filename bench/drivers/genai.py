@@ -74,7 +74,7 @@ class GenaiDriver:
         for _ in range(max_new_tokens):
             generator.generate_next_token()  # samples; from the 2nd call on, runs one decode forward first
             now = time.perf_counter()
-            for trace in traces:
-                trace.token_times.append(now)
+            for trace, token in zip(traces, generator.get_next_tokens(), strict=True):
+                trace.add(int(token), now)
         del generator
         return traces

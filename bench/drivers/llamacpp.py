@@ -114,13 +114,13 @@ class LlamaCppDriver:
         traces = [StreamTrace(start=start) for _ in prompts]
         self._fill(entries)
         tokens = self._decode_argmax(n, last_rows)
-        _stamp(traces)
+        _stamp(traces, tokens)
         positions = [len(p) for p in prompts]
         for _ in range(max_new_tokens - 1):
             self._fill([(tokens[s], positions[s], s, True) for s in range(n)])
             tokens = self._decode_argmax(n, range(n))
             positions = [p + 1 for p in positions]
-            _stamp(traces)
+            _stamp(traces, tokens)
         return traces
 
     def close(self) -> None:
@@ -133,8 +133,8 @@ class LlamaCppDriver:
             self._ctx = None
 
 
-def _stamp(traces: Sequence[StreamTrace]) -> None:
+def _stamp(traces: Sequence[StreamTrace], tokens: Sequence[int]) -> None:
     """Every stream of a static batch gets its token at the same instant."""
     now = time.perf_counter()
-    for trace in traces:
-        trace.token_times.append(now)
+    for trace, token in zip(traces, tokens, strict=True):
+        trace.add(token, now)

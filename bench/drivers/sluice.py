@@ -67,7 +67,7 @@ class SluiceDriver:
         )
         for event in self._engine.submit(request).iter_blocking():
             if event.token_id is not None:
-                trace.token_times.append(time.perf_counter())
+                trace.add(event.token_id, time.perf_counter())
         return trace
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[StreamTrace]:

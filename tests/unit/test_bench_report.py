@@ -173,3 +173,26 @@ def test_prompts_differ_per_stream_and_cut_exactly() -> None:
         prompt_ids(words, 0, 100_000)
     assert ids_digest([1, 2, 3]) == ids_digest([1, 2, 3]) != ids_digest([1, 2, 4])
     assert len(ids_digest([1])) == 16
+
+
+def test_common_prefix_and_greedy_agreement_pairs() -> None:
+    assert report.common_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert report.common_prefix([1, 2], [1, 2, 3]) == 2
+    agreement = report.greedy_agreement({"sluice": [1, 2, 3], "genai": [1, 2, 3], "llama.cpp": [1, 5], "x": []})
+    assert agreement == {"genai vs llama.cpp": "1/2", "genai vs sluice": "3/3", "llama.cpp vs sluice": "1/2"}
+
+
+def test_merge_keeps_greedy_ids_and_report_compares_them() -> None:
+    single = _result("sluice", "single", {"decode_tok_s": [1.0]}, 1.0) | {"greedy_ids": [5, 6, 7]}
+    peer = _result("genai", "single", {"decode_tok_s": [1.0]}, 1.0) | {"greedy_ids": [5, 6, 8]}
+    concurrent = _result("sluice", "concurrent", {}, 2.0) | {"greedy_ids": []}
+    merged = report.merge_phases([single, peer, concurrent])
+    assert merged["sluice"]["greedy_ids"] == [5, 6, 7]  # the concurrent phase's empty list does not erase it
+    context = {
+        "date": "d",
+        "machine": {"cpu": "c", "cores_usable": 2},
+        "job": {"threads": 2, "runs": 1, "new_tokens": 3},
+    }
+    doc = report.build_report(merged, report.metric_specs((128,), (1,)), context)
+    assert doc["greedy_agreement"] == {"genai vs sluice": "2/3"}
+    assert "greedy decode, leading tokens identical: genai vs sluice 2/3" in report.render_summary(doc)
