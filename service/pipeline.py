@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from guard.moderator import Message, Moderator, Role, Stage, Verdict
@@ -126,6 +126,9 @@ class Pipeline:
         v = await self.moderator.moderate(conversation, role, stage)
         if policy is not self.policy and not v.error:
             v = policy.decide(role, v.score, v.categories, backend=v.backend, stage=stage, latency=v.latency)
+        elif v.error and v.safe and not policy.fail_open:
+            # The backend failed and the server fails open, but this request asked to fail closed.
+            v = replace(v, safe=False, score=1.0)
         self.stats.record_verdict(v)
         return v
 
@@ -175,7 +178,9 @@ class Pipeline:
                     continue
                 out_verdict = None
                 if guard is not None:
-                    released, out_verdict = await guard.finish()
+                    # Keep what `feed` just released: the last event may itself have completed a window.
+                    tail, out_verdict = await guard.finish()
+                    released = [*released, *tail]
                     if not out_verdict.safe:
                         yield rec.final(self, cmd, FinishReason.CONTENT_FILTER, _completion(ev), in_verdict,
                                         out_verdict)
