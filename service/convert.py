@@ -115,3 +115,11 @@ def final_to_proto(f: Final) -> generation_pb2.Final:
                                        total_seconds=f.timings.total),
         request_id=f.request_id,
     )
+
+
+def moderation_role(request: moderation_pb2.ModerateRequest) -> Role:
+    """The judged role; UNSPECIFIED means the role of the last message (assistant -> Agent, else User)."""
+    role = MODERATION_ROLES.get(request.role)
+    if role is not None:
+        return role
+    return Role.AGENT if request.messages[-1].role == common_pb2.CHAT_ROLE_ASSISTANT else Role.USER

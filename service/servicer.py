@@ -154,5 +154,5 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         validate_moderate(request, self.limits)
         policy = self.pipeline.request_policy(convert.policy_options_from_proto(request.guard))
         verdict = await self.pipeline.judge(convert.messages_from_proto(request.messages),
-                                            convert.MODERATION_ROLES[request.role], Stage.MODERATE, policy)
+                                            convert.moderation_role(request), Stage.MODERATE, policy)
         return moderation_pb2.ModerateResponse(verdict=convert.verdict_to_proto(verdict))
