@@ -150,6 +150,13 @@ class GuardConfig:
     model: Path | None = field(
         default=None, metadata=_doc("Guard model folder (required for llama_guard and cascade).")
     )
+    # Where `make encoder` writes the sentence encoder and where the repo ships the trained head.
+    encoder: Path = field(
+        default=Path("models/minilm-l6-v2"), metadata=_doc("Sentence-encoder folder for the classifier.")
+    )
+    head: Path = field(
+        default=Path("guard/heads/minilm-l6-v2.npz"), metadata=_doc("Trained classifier head file.")
+    )
     input_threshold: float = field(
         default=DEFAULT_THRESHOLD,
         metadata=_doc("Block a user turn when its unsafe score is >= this.", low=0, high=1),
