@@ -28,6 +28,7 @@ from typing import Any, Final, NoReturn, TypeVar
 import grpc
 import grpc.aio
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -247,6 +248,20 @@ async def abort_for(error: Exception, context: Context, method: str) -> NoReturn
     raise AssertionError("context.abort returned")  # abort always raises; this satisfies NoReturn
 
 
+class MalformedRequest:
+    """Stands in for request bytes that do not parse (invalid UTF-8 in a string, a truncated field), so the
+    RPC answers INVALID_ARGUMENT: a raising deserializer makes grpc answer UNKNOWN with the exception text."""
+
+    request_id = ""  # what call observers read from a request
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def error(self) -> InvalidArgument:
+        problem = f"must be a well-formed {self.type_name} with UTF-8 strings, got bytes that do not parse"
+        return validation_error("request", problem)
+
+
 def map_unary_errors(
     behavior: Callable[[Req, Context], Awaitable[Resp]], method: str
 ) -> Callable[[Req, Context], Awaitable[Resp]]:
@@ -262,6 +277,8 @@ def map_unary_errors(
 
     async def wrapped(request: Req, context: Context) -> Resp:
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.error()
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise  # the handler aborted on purpose: its status stands
@@ -287,6 +304,8 @@ def map_stream_errors(
 
     async def wrapped(request: Req, context: Context) -> AsyncIterator[Resp]:
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.error()
             async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
@@ -343,3 +362,26 @@ _HANDLER_FACTORIES: Final[Mapping[tuple[bool, bool], Callable[..., Any]]] = {
     (True, False): grpc.stream_unary_rpc_method_handler,
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no stubs
+    """Registered inside `ErrorInterceptor`: a unary request that does not parse reaches the handler as a
+    `MalformedRequest`, which the error mapping answers with INVALID_ARGUMENT."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        """Return the next handler (None for an unknown method) with a lenient request deserializer."""
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:  # a stream's messages never reach a behaviour alone
+            return handler
+        parse = handler.request_deserializer  # the message class's FromString
+        type_name = getattr(getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None), "full_name", "message")
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError:
+                return MalformedRequest(type_name)
+
+        return _HANDLER_FACTORIES[(False, handler.response_streaming)](
+            handler.unary_stream or handler.unary_unary, request_deserializer=lenient,
+            response_serializer=handler.response_serializer)

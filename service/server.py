@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service._pb.sluice.v1 import generation_pb2, generation_pb2_grpc, moderation_pb2, moderation_pb2_grpc
 from service.config import Config, SecurityConfig, ServerConfig
-from service.errors import ErrorInterceptor
+from service.errors import ErrorInterceptor, MalformedRequestInterceptor
 from service.servicer import GenerationServicer, Lifecycle, ModerationServicer
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,12 @@ async def start_server(config: Config, generation: GenerationServicer, moderatio
                        life: Lifecycle, auth_token: str | None,
                        extra_interceptors: Sequence[Any] = ()) -> SluiceServer:
     # extra_interceptors run outermost (first), so an observing one (grpc_metrics.CallInterceptor) sees the
-    # statuses the error mapping and the auth check produce.
-    interceptors: list[Any] = [*extra_interceptors, ErrorInterceptor()]
+    # statuses the error mapping and the auth check produce. The auth check comes before the error mapping:
+    # a caller without the token learns UNAUTHENTICATED, never how its request parsed or validated.
+    interceptors: list[Any] = list(extra_interceptors)
     if auth_token:
         interceptors.append(TokenAuthInterceptor(auth_token))
+    interceptors.extend((ErrorInterceptor(), MalformedRequestInterceptor()))
     server = grpc.aio.server(interceptors=interceptors, options=channel_options(config.server))
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
     moderation_pb2_grpc.add_ModerationServiceServicer_to_server(moderation, server)
