@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ Obj = dict[str, Any]
 
 
 def kubectl() -> str:
-    """The kubectl binary: on PATH (the machine image has it) or put into the venv by `make deploy-tools`."""
-    found = shutil.which("kubectl") or shutil.which("kubectl", path=str(ROOT / ".venv" / "bin"))
+    """The kubectl binary: on PATH (the machine image has it) or in this venv (`make deploy-tools`)."""
+    found = shutil.which("kubectl") or shutil.which("kubectl", path=str(Path(sys.executable).parent))
     if found is None:
         pytest.fail("kubectl is missing: run `make deploy-tools`")
     return found
