@@ -60,7 +60,10 @@ class RetryPolicy:
             }
         # Retries stop while more than half of recent calls failed (gRPC's token bucket).
         throttling = {"maxTokens": 10, "tokenRatio": 0.1}
-        return json.dumps({"methodConfig": [method_config], "retryThrottling": throttling})
+        # round_robin: with a `dns:///` target that resolves to every replica (the headless Service), calls
+        # spread over all pods instead of pinning one HTTP/2 connection to one pod.
+        return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method_config],
+                           "retryThrottling": throttling})
 
 
 @dataclass(frozen=True, slots=True)
