@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from guard.backends.classifier import ClassifierModerator, load_head
 from guard.backends.llama_guard import LlamaGuardModerator
 from guard.cascade import CascadeModerator
+from guard.encoder import MiniLMEncoder
 from guard.moderator import Moderator
 from guard.policy import Policy
 from service.config import Config, GuardBackend
@@ -51,5 +53,8 @@ def _guard_engine(config: Config) -> Engine:
 
 
 def build_classifier(config: Config) -> Moderator:
-    raise ValueError("the embedded classifier is not available in this build")
+    """The embedded classifier: MiniLM sentence features + the shipped head, thresholds from the policy."""
+    g = config.guard
+    return ClassifierModerator(MiniLMEncoder(g.encoder), load_head(g.head), input_threshold=g.input_threshold,
+                               output_threshold=g.output_threshold)
 
