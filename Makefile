@@ -34,15 +34,17 @@ model-all: venv
 	$(PY) -m tools.fetch_model --precision int8 --out models/$(MODEL_NAME)-int8
 	$(PY) -m tools.fetch_model --precision fp32 --out models/$(MODEL_NAME)-fp32
 
-run: venv protos model
+run: venv protos model encoder
 	$(PY) -m service serve --model $(MODEL_DIR)
 
 lint: venv protos
 	$(VENV)/bin/ruff check service guard tools tests bench
 	$(VENV)/bin/mypy service guard
 
-test: venv protos model-all lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+# The test suite needs every model folder, the guard's encoder, promtool (metrics tests) and kubectl
+# (deploy tests); each prerequisite is idempotent.
+test: venv protos model-all encoder tools-deb deploy-tools lint
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: venv protos model
 	$(PY) -m bench.run --model $(MODEL_DIR)
