@@ -92,3 +92,8 @@ deploy-tools: venv
 
 deploy-check: deploy-tools protos model
 	$(PY) -m pytest -q tests/deploy
+
+# The long memory soak (tests/reliability/test_soak.py: 600 requests of every kind, RSS flat after warm-up,
+# every KV slot free at the end), a few minutes; `make test` excludes it (pyproject addopts -m 'not soak').
+soak: venv protos model
+	$(PY) -m pytest -q -m soak tests/reliability
