@@ -1,0 +1,102 @@
+"""What the moderation stage adds to latency, end to end over gRPC on loopback.
+
+Runs the same chat requests against one in-process server twice per round, with the guard off
+(`--guard-backend none`) and on (the embedded classifier, default window), alternating to spread machine
+noise, and reports medians of client-side TTFT and inter-chunk latency per configuration and their ratios.
+
+    python -m bench.guard_overhead --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+import grpc.aio
+
+from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from service.app import build_app, start
+from service.config import load_config
+from service.server import start_server
+from service.stats import ListSink
+
+PROMPTS = (
+    "What is the capital of Japan?",
+    "Write a short poem about rivers.",
+    "Explain what a hash table is in two sentences.",
+    "Give me three tips for learning a new language.",
+)
+
+
+async def _one(stub: generation_pb2_grpc.GenerationServiceStub, text: str, max_new: int) -> tuple[float, list[float]]:
+    msgs = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content=text)])
+    start_t = time.perf_counter()
+    first: float | None = None
+    last = start_t
+    gaps: list[float] = []
+    async for resp in stub.Generate(generation_pb2.GenerateRequest(messages=msgs, max_new_tokens=max_new)):
+        if resp.HasField("chunk"):
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            else:
+                gaps.append((now - last) / max(1, len(resp.chunk.token_ids)))  # per token
+            last = now
+    return (first or last) - start_t, gaps
+
+
+async def main_async(model: Path, rounds: int, max_new: int) -> dict[str, object]:
+    base_args = ["--port", "0", "--no-metrics-enabled", "--model", str(model)]
+    app, srv = await start(load_config([*base_args, "--guard-backend", "none"], env={}))
+    guarded_cfg = load_config([*base_args, "--guard-backend", "classifier"], env={})
+    verdicts = ListSink()
+    gapp = build_app(guarded_cfg, app.engine, stats=verdicts)
+    gsrv = await start_server(guarded_cfg, gapp.generation, gapp.moderation, gapp.life, None)
+    await gsrv.set_serving(True)
+    results: dict[str, dict[str, list[float]]] = {"none": {"ttft": [], "itl": []},
+                                                  "classifier": {"ttft": [], "itl": []}}
+    try:
+        for _ in range(rounds):
+            for name, port in (("none", srv.port), ("classifier", gsrv.port)):
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    stub = generation_pb2_grpc.GenerationServiceStub(ch)
+                    for p in PROMPTS:
+                        ttft, gaps = await _one(stub, p, max_new)
+                        results[name]["ttft"].append(ttft)
+                        results[name]["itl"].extend(gaps)
+    finally:
+        await gsrv.server.stop(0)
+        await srv.drain()
+    med = {n: {k: statistics.median(v) for k, v in r.items() if v} for n, r in results.items()}
+    by_stage: dict[str, list[float]] = {}
+    for v in verdicts.verdicts:
+        by_stage.setdefault(v.stage.value, []).append(v.latency)
+    return {
+        "verdict_latency_median_seconds": {k: statistics.median(v) for k, v in by_stage.items()},
+        "verdicts": {k: len(v) for k, v in by_stage.items()},
+        "note": "guarded TTFT includes the input verdict and the first release window (window-1 tokens "
+                "generated and judged before the first text is released); itl is per token",
+        "rounds": rounds, "requests_per_config": rounds * len(PROMPTS), "max_new_tokens": max_new,
+        "median_seconds": med,
+        "ratio_guarded_over_none": {k: med["classifier"][k] / med["none"][k] for k in med["none"]},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.guard_overhead", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("models/smollm2-135m-instruct-int4"))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    a = ap.parse_args()
+    out = asyncio.run(main_async(a.model, a.rounds, a.max_new_tokens))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
