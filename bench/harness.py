@@ -231,6 +231,7 @@ def run_sustained_phase(driver: ClientDriver, job: Job, rec: Recorder) -> None:
         rec.add("sustained_tok_s", aggregate_rate(traces))
         rec.add("sustained_tokens", float(sum(t.n_tokens for t in traces)))
         rec.add("sustained_ttft_ms", statistics.fmean(t.ttft for t in traces if t.token_times) * 1000.0)
+    _note_short(rec, "sustained_tokens", sum(budget for requests in schedule for _, budget in requests))
 
 
 def _note_short(rec: Recorder, key: str, expected: int) -> None:
