@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc, moderation_pb2, moderation_pb2_grpc
 from tests.grpc.conftest import COUNTING_PROMPT, WAIT_SECONDS, Served, front, server_config
-from tests.grpc.test_security import TOKEN, Pki, _ca, _leaf, secure, tls_args
+from tests.grpc.test_security import TOKEN, Pki, _ca, _leaf, _openssl, secure, tls_args
 from tests.reliability.conftest import SubmitCounter, assert_idle, incomplete, record_figures, run_stream
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -109,8 +109,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pki, Path, Path]:
     server = _leaf(d, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
     client = _leaf(d, "client", ca, "extendedKeyUsage=clientAuth")
     rogue = _leaf(d, "rogue", rogue_ca, "extendedKeyUsage=clientAuth")
-    self_signed = _ca(d, "self-signed-client")
-    return Pki(ca[0], server[0], server[1], client[0], client[1], rogue[0], rogue[1]), *self_signed
+    self_key, self_cert = d / "self-signed.key", d / "self-signed.pem"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+             "-subj", "/CN=self-signed-client", "-keyout", str(self_key), "-out", str(self_cert),
+             "-addext", "extendedKeyUsage=clientAuth", "-addext", "keyUsage=critical,digitalSignature")
+    return Pki(ca[0], server[0], server[1], client[0], client[1], rogue[0], rogue[1]), self_cert, self_key
 
 
 async def test_mutual_tls_refuses_other_clients_repeatedly_and_still_needs_the_token(
