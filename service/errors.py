@@ -32,6 +32,8 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from service.handlers import behavior_of, rebuild
+
 logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE: Final = "internal error"
@@ -345,23 +347,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         if handler is None:
             return None
         method: str = handler_call_details.method
-        factory = _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
-        behavior = (
-            handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary
-        )
-        return factory(
-            _wrap_behavior(behavior, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
-_HANDLER_FACTORIES: Final[Mapping[tuple[bool, bool], Callable[..., Any]]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
+        return rebuild(handler, _wrap_behavior(behavior_of(handler), method))
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no stubs
@@ -382,6 +368,4 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             except DecodeError:
                 return MalformedRequest(type_name)
 
-        return _HANDLER_FACTORIES[(False, handler.response_streaming)](
-            handler.unary_stream or handler.unary_unary, request_deserializer=lenient,
-            response_serializer=handler.response_serializer)
+        return rebuild(handler, request_deserializer=lenient)

@@ -34,6 +34,7 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from guard.moderator import Verdict
+from service.handlers import behavior_of, rebuild
 from service.stats import NullSink, RequestRecord, StatsSink
 
 log = logging.getLogger(__name__)
@@ -268,10 +269,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         if handler is None:
             return None
         info = CallInfo.parse(details.method, handler.request_streaming, handler.response_streaming)
-        behavior = handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary
-        factory = _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
-        return factory(self._wrap(behavior, info), request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        return rebuild(handler, self._wrap(behavior_of(handler), info))
 
     def _wrap(self, behavior: Any, info: CallInfo) -> Any:
         if inspect.isasyncgenfunction(behavior):
@@ -317,9 +315,3 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         return wrapped
 
 
-_HANDLER_FACTORIES: Final[Mapping[tuple[bool, bool], Callable[..., Any]]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from service._pb.sluice.v1 import generation_pb2, generation_pb2_grpc, moderation_pb2, moderation_pb2_grpc
 from service.config import Config, SecurityConfig, ServerConfig
 from service.errors import ErrorInterceptor, MalformedRequestInterceptor
+from service.handlers import rebuild
 from service.servicer import GenerationServicer, Lifecycle, ModerationServicer
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,7 @@ def _deny(handler: Any) -> Any:
 
     if handler is None:
         return None
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+    return rebuild(handler, stream if handler.response_streaming else unary)
 
 
 def server_credentials(sec: SecurityConfig) -> grpc.ServerCredentials | None:
