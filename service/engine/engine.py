@@ -39,6 +39,7 @@ class EngineConfig:
     graph_optimization: str = "all"
     profile_prefix: str | None = None
     prefix_cache_slots: int = 0  # slots pinned for recurring prompt prefixes (the guard engine uses 2)
+    force_copying_kv: bool = False  # use the copying KV path even where sharing works (tests, debugging)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +145,10 @@ class Engine:
         spec = load_model_spec(model_dir)
         session = DecoderSession(spec.onnx_path, SessionOptions(config.intra_op_threads, config.graph_optimization,
                                                                 config.profile_prefix))
-        if not spec.shared_kv_buffer:
-            raise ValueError(f"{model_dir}: only graphs whose past and present share one buffer "
-                             "(GroupQueryAttention, past_present_share_buffer) are supported")
+        # Graphs that cannot share past and present run the copying, row-at-a-time fallback.
+        session.shared_kv = spec.shared_kv_buffer and not config.force_copying_kv
+        if not session.shared_kv:
+            log.warning("%s: past and present KV cannot share a buffer; using the slower copying path", model_dir)
         return cls(spec, session, Tokenizer.from_dir(model_dir), config)
 
     # -- lifecycle -------------------------------------------------------------------------------------

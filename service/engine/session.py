@@ -89,6 +89,10 @@ class DecoderSession:
         self.logits_last_only = outputs["logits"].shape[1] == 1
         self.hidden_outputs = tuple(n for n in outputs if n.startswith("hidden_states."))
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._output_names = ["logits"] + [n.format(i) for i in range(self.num_layers)
+                                           for n in (PRESENT_KEY, PRESENT_VALUE)]
+        # Set by the engine from the model folder: whether past and present may share one buffer.
+        self.shared_kv = True
 
     def kv_layout(self, slots: int, capacity: int) -> KVLayout:
         return KVLayout(self.num_layers, self.kv_heads, self.head_dim, self.kv_dtype, slots, capacity)
@@ -120,6 +124,9 @@ class DecoderSession:
             logits_out: (batch, 1, vocab) float32 C-contiguous buffer receiving the last position's logits.
         """
         batch, seq = input_ids.shape
+        if not self.shared_kv:
+            self._forward_copying(kv, start, input_ids, attention_mask, logits_out)
+            return
         io = self._binding(kv, start, start + batch)
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", attention_mask)
@@ -131,6 +138,30 @@ class DecoderSession:
         self.session.run_with_iobinding(io)
         if target is not logits_out:
             logits_out[:] = target[:, -1:]
+
+    def _forward_copying(self, kv: KVCache, start: int, input_ids: np.ndarray, attention_mask: np.ndarray,
+                         logits_out: np.ndarray) -> None:
+        """Fallback for graphs whose present is a new (past + seq) tensor: one row at a time, the row's
+        valid past copied in and the new positions copied back into the slot buffers. Correct for any
+        such graph with our I/O names; slower (copies, no batching)."""
+        seq = input_ids.shape[1]
+        for b in range(input_ids.shape[0]):
+            slot = start + b
+            past_len = int(attention_mask[b].sum()) - seq
+            feeds: dict[str, np.ndarray] = {
+                "input_ids": input_ids[b : b + 1],  # (1, seq)
+                "attention_mask": np.ones((1, past_len + seq), np.int64),  # (1, total)
+            }
+            for i in range(self.num_layers):
+                # (1, kv_heads, past_len, head_dim) copies of the row's valid positions
+                feeds[PAST_KEY.format(i)] = np.ascontiguousarray(kv.keys[i][slot : slot + 1, :, :past_len])
+                feeds[PAST_VALUE.format(i)] = np.ascontiguousarray(kv.values[i][slot : slot + 1, :, :past_len])
+            out = dict(zip(self._output_names, self.session.run(self._output_names, feeds), strict=True))
+            for i in range(self.num_layers):
+                # present: (1, kv_heads, past_len + seq, head_dim); keep only the new positions
+                kv.keys[i][slot, :, past_len : past_len + seq] = out[PRESENT_KEY.format(i)][0, :, past_len:]
+                kv.values[i][slot, :, past_len : past_len + seq] = out[PRESENT_VALUE.format(i)][0, :, past_len:]
+            logits_out[b] = out["logits"][0, -1:]
 
     def end_profiling(self) -> str | None:
         try:
