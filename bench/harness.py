@@ -9,6 +9,8 @@ Definitions (all wall clock, `time.perf_counter`):
 - TTFT: submit -> first generated token available; prefill tok/s = prompt tokens / TTFT (1 new token).
 - decode tok/s: (tokens - 1) / (last token - first token) for one stream asked for `new_tokens` tokens.
 - aggregate tok/s at N streams: all completion tokens / (last token of any stream - first submit).
+- aggregate decode tok/s at N streams: tokens after each stream's first / (last token - earliest first
+  token): the decode-only throughput, prefill excluded.
 """
 
 from __future__ import annotations
@@ -113,6 +115,22 @@ def aggregate_rate(traces: Sequence[StreamTrace]) -> float:
     return sum(t.n_tokens for t in done) / span
 
 
+def decode_aggregate_rate(traces: Sequence[StreamTrace]) -> float:
+    """Tokens after each stream's first, over the span from the earliest first token to the last token.
+
+    Args:
+        traces: the streams run together.
+
+    Returns:
+        Tokens per second (0.0 when no stream produced a second token).
+    """
+    done = [t for t in traces if t.n_tokens >= 2]
+    if not done:
+        return 0.0
+    span = max(t.token_times[-1] for t in done) - min(t.token_times[0] for t in done)
+    return sum(t.n_tokens - 1 for t in done) / span
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -184,7 +202,8 @@ def run_concurrent_phase(driver: Driver, job: Job) -> Recorder:
         job: sizes and repetitions.
 
     Returns:
-        The recorder with `agg_c{N}_tok_s`, `agg_c{N}_tokens` and `ttft_c{N}_ms` (mean over streams).
+        The recorder with `agg_c{N}_tok_s`, `agg_decode_c{N}_tok_s`, `agg_c{N}_tokens` and `ttft_c{N}_ms`
+        (mean over streams).
     """
     rec = Recorder()
     length = min(job.prompt_lengths)
@@ -194,6 +213,7 @@ def run_concurrent_phase(driver: Driver, job: Job) -> Recorder:
         for _ in range(job.runs):
             traces = driver.generate(prompts[:n], job.new_tokens)
             rec.add(f"agg_c{n}_tok_s", aggregate_rate(traces))
+            rec.add(f"agg_decode_c{n}_tok_s", decode_aggregate_rate(traces))
             rec.add(f"agg_c{n}_tokens", float(sum(t.n_tokens for t in traces)))
             rec.add(f"ttft_c{n}_ms", statistics.fmean(t.ttft for t in traces if t.token_times) * 1000.0)
         _note_short(rec, f"agg_c{n}_tokens", n * job.new_tokens)

@@ -47,6 +47,11 @@ def metric_specs(prompt_lengths: Sequence[int], concurrency: Sequence[int]) -> l
     rows += [
         Metric(f"agg_c{n}_tok_s", f"aggregate, {n} stream{'s' if n != 1 else ''}", "tok/s", True) for n in concurrency
     ]
+    rows += [
+        Metric(f"agg_decode_c{n}_tok_s", f"aggregate decode only, {n} stream{'s' if n != 1 else ''}", "tok/s", True)
+        for n in concurrency
+    ]
+    rows += [Metric(f"ttft_c{n}_ms", f"mean TTFT, {n} streams", "ms", False) for n in concurrency if n > 1]
     rows.append(Metric("sustained_tok_s", "aggregate, clients joining mid-batch", "tok/s", True))
     rows.append(Metric("sustained_ttft_ms", "TTFT, clients joining mid-batch", "ms", False))
     rows.append(Metric("rss_single_mib", "peak RSS, single-stream process", "MiB", False))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
-from bench.harness import Job, StreamTrace, aggregate_rate
+from bench.harness import Job, StreamTrace, aggregate_rate, decode_aggregate_rate
 from bench.prompts import ids_digest, prompt_ids, prompt_text
 
 
@@ -196,3 +196,13 @@ def test_merge_keeps_greedy_ids_and_report_compares_them() -> None:
     doc = report.build_report(merged, report.metric_specs((128,), (1,)), context)
     assert doc["greedy_agreement"] == {"genai vs sluice": "2/3"}
     assert "greedy decode, leading tokens identical: genai vs sluice 2/3" in report.render_summary(doc)
+
+
+def test_decode_aggregate_rate_excludes_prefill() -> None:
+    traces = [
+        StreamTrace(start=0.0, token_times=[1.0, 1.5, 2.0]),  # 2 decode tokens
+        StreamTrace(start=0.0, token_times=[1.2, 3.0]),  # 1 decode token
+        StreamTrace(start=0.0, token_times=[0.5]),  # no decode token: left out
+    ]
+    assert decode_aggregate_rate(traces) == pytest.approx(3 / 2.0)  # first token 1.0 -> last 3.0
+    assert decode_aggregate_rate([StreamTrace(start=0.0, token_times=[1.0])]) == 0.0
