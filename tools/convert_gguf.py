@@ -22,7 +22,7 @@ import onnx
 from tools.gguf_model import GGUFModel, default_max_positions, field, sha256_of
 from tools.llama_onnx import BuildOptions, build
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 METADATA = "sluice_model.json"
 # Names of end-of-turn tokens that also end generation when the vocabulary has them (looked up by name,
 # never by id): Llama 3 <|eot_id|>/<|eom_id|>, ChatML <|im_end|>.
