@@ -57,8 +57,10 @@ async def main_async(model: Path, rounds: int, max_new: int) -> dict[str, object
     gapp = build_app(guarded_cfg, app.engine, stats=verdicts)
     gsrv = await start_server(guarded_cfg, gapp.generation, gapp.moderation, gapp.life, None)
     await gsrv.set_serving(True)
-    results: dict[str, dict[str, list[float]]] = {"none": {"ttft": [], "itl": []},
-                                                  "classifier": {"ttft": [], "itl": []}}
+    results: dict[str, dict[str, list[float]]] = {
+        "none": {"ttft": [], "itl": []},
+        "classifier": {"ttft": [], "itl": []},
+    }
     try:
         for _ in range(rounds):
             for name, port in (("none", srv.port), ("classifier", gsrv.port)):
@@ -79,16 +81,19 @@ async def main_async(model: Path, rounds: int, max_new: int) -> dict[str, object
         "verdict_latency_median_seconds": {k: statistics.median(v) for k, v in by_stage.items()},
         "verdicts": {k: len(v) for k, v in by_stage.items()},
         "note": "guarded TTFT includes the input verdict and the first release window (window-1 tokens "
-                "generated and judged before the first text is released); itl is per token",
-        "rounds": rounds, "requests_per_config": rounds * len(PROMPTS), "max_new_tokens": max_new,
+        "generated and judged before the first text is released); itl is per token",
+        "rounds": rounds,
+        "requests_per_config": rounds * len(PROMPTS),
+        "max_new_tokens": max_new,
         "median_seconds": med,
         "ratio_guarded_over_none": {k: med["classifier"][k] / med["none"][k] for k in med["none"]},
     }
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.guard_overhead", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.guard_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", type=Path, default=Path("models/smollm2-135m-instruct-int4"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=48)
