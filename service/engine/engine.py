@@ -19,7 +19,7 @@ from pathlib import Path
 
 from service.engine.kv_cache import KVCache
 from service.engine.model_spec import ModelSpec, load_model_spec
-from service.engine.sampler import make_sampler
+from service.engine.sampler import validate_sampling
 from service.engine.scheduler import Scheduler
 from service.engine.session import DecoderSession, SessionOptions
 from service.engine.types import FinishReason, GenerationRequest, TokenEvent
@@ -191,7 +191,7 @@ class Engine:
             raise ValueError("prompt must contain at least one token")
         if len(req.prompt_ids) >= self.max_context:
             raise PromptTooLong(len(req.prompt_ids), self.max_context)
-        make_sampler(req.sampling, req.prompt_ids[:1], self.tokenizer.vocab_size)  # validates parameters
+        validate_sampling(req.sampling, req.prompt_ids, self.tokenizer.vocab_size)
         if loop is True:
             try:
                 loop = asyncio.get_running_loop()

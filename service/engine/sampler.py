@@ -96,15 +96,33 @@ def make_sampler(params: SamplingParams, prompt_ids: Sequence[int], vocab_size: 
     Raises:
         ValueError: with a message such as "top_p must be in (0, 1], got 1.5".
     """
-    _validate(params, vocab_size)
-    prompt = np.asarray(prompt_ids, dtype=np.int64)  # (prompt_len,)
-    if prompt.size and (int(prompt.min()) < 0 or int(prompt.max()) >= vocab_size):
-        raise ValueError(f"prompt_ids must be in [0, {vocab_size}), got a token id out of range")
+    prompt = validate_sampling(params, prompt_ids, vocab_size)
     rng = np.random.Generator(np.random.PCG64(params.seed))
     return Sampler(params, prompt, vocab_size, rng)
 
 
-def _validate(p: SamplingParams, vocab_size: int) -> None:
+def validate_sampling(params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int) -> IdArray:
+    """The checks `make_sampler` applies, without building a sampler (the engine runs them at submit).
+
+    Args:
+        params: the request's sampling parameters.
+        prompt_ids: the prompt.
+        vocab_size: length of one logits row.
+
+    Returns:
+        The prompt as an int64 array.
+
+    Raises:
+        ValueError: as `make_sampler`.
+    """
+    _check_params(params, vocab_size)
+    prompt = np.asarray(prompt_ids, dtype=np.int64)  # (prompt_len,)
+    if prompt.size and (int(prompt.min()) < 0 or int(prompt.max()) >= vocab_size):
+        raise ValueError(f"prompt_ids must be in [0, {vocab_size}), got a token id out of range")
+    return prompt
+
+
+def _check_params(p: SamplingParams, vocab_size: int) -> None:
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
     # `not (x >= 0)` also rejects NaN.
