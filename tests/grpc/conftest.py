@@ -21,6 +21,8 @@ import grpc
 import grpc.aio
 import pytest
 import pytest_asyncio
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from service._pb.sluice.v1 import generation_pb2, generation_pb2_grpc
 from service.app import App, build_app, start
@@ -150,3 +152,15 @@ def counting_request(max_new_tokens: int) -> generation_pb2.GenerateRequest:
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("grpc")
+
+
+def bad_request(err: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    """The (field, description) pairs of the google.rpc.BadRequest details an INVALID_ARGUMENT carries."""
+    status = rpc_status.from_call(err)
+    assert status is not None, "INVALID_ARGUMENT must carry a google.rpc.Status"
+    out: list[tuple[str, str]] = []
+    for detail in status.details:
+        br = error_details_pb2.BadRequest()
+        assert detail.Unpack(br)
+        out.extend((v.field, v.description) for v in br.field_violations)
+    return out

@@ -23,17 +23,23 @@ import grpc
 import grpc.aio
 import pytest
 import pytest_asyncio
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc, moderation_pb2, moderation_pb2_grpc
 from service.client import as_complete_request
 from service.engine.types import GenerationRequest
 from service.errors import INTERNAL_MESSAGE, GuardDisabled
 from tests.conftest import ROOT
-from tests.grpc.conftest import WAIT_SECONDS, Served, counting_request, front, server_config, start_served
+from tests.grpc.conftest import (
+    WAIT_SECONDS,
+    Served,
+    bad_request,
+    counting_request,
+    front,
+    server_config,
+    start_served,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -64,17 +70,6 @@ async def collect(call: grpc.aio.UnaryStreamCall) -> tuple[str, list[int], gener
             finals.append(resp.final)
     assert len(finals) == 1, "exactly one final message ends a stream"
     return "".join(text), ids, finals[0]
-
-
-def bad_request(err: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
-    status = rpc_status.from_call(err)
-    assert status is not None, "INVALID_ARGUMENT must carry a google.rpc.Status"
-    out: list[tuple[str, str]] = []
-    for detail in status.details:
-        br = error_details_pb2.BadRequest()
-        assert detail.Unpack(br)
-        out.extend((v.field, v.description) for v in br.field_violations)
-    return out
 
 
 # -- results ------------------------------------------------------------------------------------------------

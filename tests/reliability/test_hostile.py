@@ -15,15 +15,13 @@ import re
 import grpc
 import grpc.aio
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from guard.moderator import Role, Stage
 from guard.prompt import STRUCTURAL_MARKERS, build_guard_prompt
 from guard.taxonomy import CATEGORIES
 from service._pb.sluice.v1 import common_pb2, generation_pb2, moderation_pb2
 from service.client import as_complete_request
-from tests.grpc.conftest import WAIT_SECONDS
+from tests.grpc.conftest import WAIT_SECONDS, bad_request
 from tests.reliability.conftest import (
     OK,
     Hostile,
@@ -130,17 +128,6 @@ CASES: list[tuple[str, generation_pb2.GenerateRequest, str]] = [
 ]
 
 
-def violations(err: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
-    status = rpc_status.from_call(err)
-    assert status is not None, "INVALID_ARGUMENT carries a google.rpc.Status"
-    out: list[tuple[str, str]] = []
-    for detail in status.details:
-        br = error_details_pb2.BadRequest()
-        assert detail.Unpack(br)
-        out.extend((v.field, v.description) for v in br.field_violations)
-    return out
-
-
 @pytest.mark.parametrize(("name", "req", "message"), CASES, ids=[c[0] for c in CASES])
 async def test_malformed_request_is_invalid_argument_with_a_clear_message_and_no_engine_work(
         hostile: Hostile, monkeypatch: pytest.MonkeyPatch, name: str, req: generation_pb2.GenerateRequest,
@@ -155,7 +142,7 @@ async def test_malformed_request_is_invalid_argument_with_a_clear_message_and_no
         assert code is INVALID and re.fullmatch(message, details), (code, details)
         if err is not None:
             field = details.split(" ", 1)[0]
-            assert violations(err) == [(field, details)]
+            assert bad_request(err) == [(field, details)]
     assert not streamed.ids and streamed.finals == 0
     assert submits.count == 0 and hostile.served.engine.stats().prompt_tokens == before
 
