@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from guard.moderator import Moderator
 from guard.policy import FailSafeModerator, Policy
@@ -55,9 +54,8 @@ def policy_from_config(config: Config) -> Policy:
                   release_window_tokens=g.release_window_tokens, timeout_seconds=g.timeout_seconds)
 
 
-def chat_template(model_dir: Path) -> ChatTemplate | None:
-    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
-    return ChatTemplate.from_tokenizer_config(cfg) if cfg.get("chat_template") else None
+def chat_template(tokenizer_config: dict[str, object]) -> ChatTemplate | None:
+    return ChatTemplate.from_tokenizer_config(tokenizer_config) if tokenizer_config.get("chat_template") else None
 
 
 def build_app(config: Config, engine: Engine, stats: StatsSink | None = None,
@@ -71,8 +69,9 @@ def build_app(config: Config, engine: Engine, stats: StatsSink | None = None,
     if moderator is not None:
         moderator = FailSafeModerator(moderator, policy)
     model_dir = engine.spec.path
-    add_bos = bool(json.loads((model_dir / "tokenizer_config.json").read_text()).get("add_bos_token", False))
-    template = chat_template(model_dir)
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    add_bos = bool(tokenizer_config.get("add_bos_token", False))
+    template = chat_template(tokenizer_config)
     renderer = PromptRenderer(engine.tokenizer, template, add_bos)
     pipeline = Pipeline(engine, renderer, moderator, policy, stats)
     limits = limits_from_config(config, policy.known_codes)
