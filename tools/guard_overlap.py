@@ -1,0 +1,72 @@
+"""Keeps our own guard data (data/guard/*.jsonl) from near-duplicating the sets we measure on.
+
+Our rows train the shipped head; the public harmful sets are also what the held-out-source figures are
+measured on, and Alpaca / MaliciousInstruct are measure-only. A self-written row that paraphrases one of
+them would make those figures optimistic. This tool embeds every own row with MiniLM and flags those whose
+cosine similarity to a protected row reaches the limit; `--drop` rewrites the files without them
+(contrastive pairs, rows sharing a `pair-*` topic, are dropped whole).
+
+    python -m tools.guard_overlap            # report
+    python -m tools.guard_overlap --drop     # and remove the flagged rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from guard.encoder import MiniLMEncoder
+from guard.features import FloatArray
+from tools.guard_data import DEFAULT_ROOT, OWN_DIR, load_all
+
+# protected source -> similarity at which an own row counts as a paraphrase of one of its rows
+LIMITS = {"harmbench": 0.75, "strongreject": 0.75, "malicious_instruct": 0.75, "alpaca": 0.85}
+
+
+def embed(encoder: MiniLMEncoder, texts: list[str]) -> FloatArray:
+    """First-window MiniLM vectors (unit length), one per text."""
+    out = []
+    for lo in range(0, len(texts), 64):
+        batch = encoder.extract(texts[lo : lo + 64])
+        out.append(batch.vectors[[int(np.nonzero(batch.owners == j)[0][0]) for j in range(batch.count)]])
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--own", type=Path, default=OWN_DIR)
+    parser.add_argument("--encoder", type=Path, default=Path("models/minilm-l6-v2"))
+    parser.add_argument("--drop", action="store_true", help="rewrite the files without the flagged rows")
+    args = parser.parse_args(argv)
+    encoder = MiniLMEncoder(args.encoder, threads=2)
+    examples = load_all(args.root, args.own)
+    protected = {src: embed(encoder, [e.text for e in examples if e.source == src]) for src in LIMITS}
+    flagged_total = 0
+    for path in sorted(args.own.glob("*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        vecs = embed(encoder, [r["text"] for r in rows])
+        flagged: set[int] = set()
+        for src, limit in LIMITS.items():
+            if len(protected[src]) == 0:
+                continue
+            sims = (vecs @ protected[src].T).max(1)
+            for i in np.nonzero(sims >= limit)[0].tolist():
+                flagged.add(i)
+                print(f"{path.name}: {sims[i]:.2f} ~ {src}: {rows[i]['text'][:90]!r}")
+        pairs = {rows[i]["topic"] for i in flagged if str(rows[i].get("topic", "")).startswith("pair-")}
+        flagged |= {i for i, r in enumerate(rows) if r.get("topic") in pairs}
+        flagged_total += len(flagged)
+        if args.drop and flagged:
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                    for i, r in enumerate(rows) if i not in flagged))
+            print(f"{path.name}: dropped {len(flagged)} of {len(rows)} rows")
+    print(f"{flagged_total} own rows {'dropped' if args.drop else 'flagged'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
