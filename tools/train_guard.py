@@ -228,24 +228,38 @@ def oof_scores(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
     return out
 
 
-def choose_threshold(examples: Sequence[Example], overall: FloatArray, max_safe_fpr: float) -> float:
-    """The lowest threshold whose macro FPR over safe sources stays within `max_safe_fpr`.
+ORDINARY_SOURCES = frozenset({"self_instruct", "own_ordinary"})  # everyday traffic; every other safe source
+# is borderline (safe rows written or collected because they look alarming)
 
-    Macro (each safe source counts once) so that a big easy source cannot hide a hard small one; the
-    lowest such threshold keeps recall as high as that FPR budget allows.
+
+def choose_threshold(examples: Sequence[Example], overall: FloatArray, ordinary_fpr: float,
+                     borderline_fpr: float) -> float:
+    """The lowest threshold within both false-positive budgets, mirroring the issue's two targets.
+
+    Ordinary instructions (`ORDINARY_SOURCES`, pooled) may be flagged at most `ordinary_fpr`; every other
+    source's safe user prompts (borderline sets), each separately so that a big easy source cannot hide a
+    hard small one, at most `borderline_fpr`. Safe Agent turns are measured, not budgeted: refusals that
+    name a weapon are the head's known weakness and would otherwise set the threshold for every prompt.
+    The lowest such threshold keeps recall as high as the budgets allow.
 
     Args:
         examples: rows with sources.
         overall: (n,) out-of-fold overall scores.
-        max_safe_fpr: FPR budget.
+        ordinary_fpr: FPR budget on ordinary instructions.
+        borderline_fpr: FPR budget on each borderline safe source.
 
     Returns:
         The threshold.
     """
-    safe_sources = sorted({ex.source for ex in examples if not ex.unsafe})
-    masks = [np.array([ex.source == s and not ex.unsafe for ex in examples]) for s in safe_sources]
+    safe = np.array([not ex.unsafe for ex in examples])
+    ordinary = safe & np.array([ex.source in ORDINARY_SOURCES for ex in examples])
+    user = np.array([ex.role == "User" for ex in examples])
+    borderline = [safe & user & np.array([ex.source == s for ex in examples])
+                  for s in sorted({ex.source for ex in examples if ex.source not in ORDINARY_SOURCES})]
+    borderline = [m for m in borderline if m.any()]
     for t in np.linspace(0.05, 0.95, 181):
-        if np.mean([(overall[m] >= t).mean() for m in masks]) <= max_safe_fpr:
+        ok_ordinary = not ordinary.any() or (overall[ordinary] >= t).mean() <= ordinary_fpr
+        if ok_ordinary and all((overall[m] >= t).mean() <= borderline_fpr for m in borderline):
             return float(t)
     return 0.95
 
@@ -299,72 +313,6 @@ def calibrated(head: Head, threshold: float, category_thresholds: FloatArray) ->
     return Head(**fields)
 
 
-# Held-out-source experiments: train without the named sources, test on them (plus the measure-only sets).
-HOLDOUTS: dict[str, tuple[str, ...]] = {
-    "wildguard_benign": ("wildguard_benign",),
-    "coconot (contrast + pref + eval)": ("coconot_contrast", "coconot_pref", "coconot_eval"),
-    "notinject": ("notinject",),
-    "own borderline_safe": ("own_borderline_safe",),
-    "hatecheck": ("hatecheck",),
-    "toxigen": ("toxigen",),
-    "strongreject": ("strongreject",),
-    "harmbench": ("harmbench",),
-    "do_not_answer": ("do_not_answer",),
-    "responses": ("responses",),
-}
-BORDERLINE = ("wildguard_benign", "coconot_contrast", "coconot_pref", "notinject", "own_borderline_safe",
-              "hatecheck", "toxigen")
-
-
-def _figures_rows(name: str, examples: Sequence[Example], scores: FloatArray, threshold: float) -> list[str]:
-    from tools.guard_eval import binary_figures, format_figures
-
-    labels = np.array([ex.unsafe for ex in examples])
-    rows = [format_figures(name, binary_figures(labels, scores[:, 0], threshold))]
-    for src in sorted({ex.source for ex in examples}):
-        m = np.array([ex.source == src for ex in examples])
-        rows.append(format_figures(f"  {src}", binary_figures(labels[m], scores[m, 0], threshold)))
-    return rows
-
-
-def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str,
-               max_safe_fpr: float) -> tuple[str, float]:
-    """Markdown: in-distribution dev split, then one block per held-out source group.
-
-    Args:
-        examples: all rows (train and dev, shippable and measure-only).
-        vecs: their features.
-        cfg: hyper-parameters.
-        feature_name: feature space id.
-        max_safe_fpr: FPR budget for the threshold (chosen on out-of-fold train scores).
-
-    Returns:
-        (markdown, threshold used).
-    """
-    from tools.guard_eval import TABLE_HEADER
-
-    tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
-    dv = [i for i, ex in enumerate(examples) if ex.split == "dev"]
-    sub = [examples[i] for i in tr]
-    oof = oof_scores(sub, [vecs[i] for i in tr], cfg, feature_name)
-    threshold = choose_threshold(sub, oof[:, 0], max_safe_fpr)
-    head = train(sub, [vecs[i] for i in tr], cfg, feature_name)
-    lines = [f"config {asdict(cfg)}, threshold {threshold:.3f} (out-of-fold on train)", "",
-             "### dev split (20% of every training source by text hash; alpaca + malicious_instruct never "
-             "trained)", "", TABLE_HEADER]
-    lines += _figures_rows("dev", [examples[i] for i in dv], score(head, [vecs[i] for i in dv]), threshold)
-    measure = [i for i, ex in enumerate(examples) if not ex.shippable]
-    lines += ["", "### held-out sources (trained without them; same threshold)", "", TABLE_HEADER]
-    for name, sources in HOLDOUTS.items():
-        keep = [i for i, ex in enumerate(examples) if ex.shippable and ex.source not in sources]
-        test = [i for i, ex in enumerate(examples) if ex.source in sources]
-        head = train([examples[i] for i in keep], [vecs[i] for i in keep], cfg, feature_name)
-        s = score(head, [vecs[i] for i in test + measure])
-        ex_test = [examples[i] for i in test + measure]
-        lines += _figures_rows(f"without {name}", ex_test, s, threshold)
-    return "\n".join(lines), threshold
-
-
 def build_metadata(examples: Sequence[Example], head: Head, cfg: TrainConfig, report: str) -> dict[str, object]:
     """Provenance and quality record written beside the head."""
     used = sorted({ex.source for ex in examples})
@@ -407,17 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
     parser.add_argument("--l2", type=float, default=TrainConfig.l2)
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    parser.add_argument("--max-safe-fpr", type=float, default=0.08, help="macro FPR budget for the threshold")
+    parser.add_argument("--ordinary-fpr", type=float, default=0.045, help="threshold budget: ordinary instructions")
+    parser.add_argument("--borderline-fpr", type=float, default=0.3, help="threshold budget: each borderline set")
     parser.add_argument("--report", action="store_true", help="print the dev report only; write nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from guard.encoder import MiniLMEncoder
+    from tools import guard_report
 
     cfg = TrainConfig(hidden=args.hidden, l2=args.l2, epochs=args.epochs)
     extractor = MiniLMEncoder(args.encoder, threads=2)
     examples = load_all(args.root, args.own)
     vecs = featurize(examples, extractor)
-    report, _ = dev_report(examples, vecs, cfg, extractor.name, args.max_safe_fpr)
+    report, _ = guard_report.dev_report(examples, vecs, cfg, extractor.name, args.ordinary_fpr,
+                                            args.borderline_fpr)
     sys.stdout.write(report + "\n")
     if args.report:
         return 0
@@ -425,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     ship = [examples[i] for i in keep]
     ship_vecs = [vecs[i] for i in keep]
     oof = oof_scores(ship, ship_vecs, cfg, extractor.name)
-    threshold = choose_threshold(ship, oof[:, 0], args.max_safe_fpr)
+    threshold = choose_threshold(ship, oof[:, 0], args.ordinary_fpr, args.borderline_fpr)
     cat_thresholds = choose_category_thresholds(ship, oof[:, 1:])
     head = calibrated(train(ship, ship_vecs, cfg, extractor.name), threshold, cat_thresholds)
     save_head(head, args.out.with_suffix(".npz"))

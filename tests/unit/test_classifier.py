@@ -190,12 +190,21 @@ def test_fit_separates_a_toy_problem() -> None:
         assert s.shape == (200, 1 + len(CODES))
 
 
-def test_choose_threshold_respects_the_macro_fpr_budget() -> None:
-    ex = [Example("a", False, source="A"), Example("b", False, source="A"), Example("c", False, source="B"),
-          Example("d", True, source="C")]
-    # source B's only row scores 0.7: any threshold <= 0.7 costs B an FPR of 1 (macro 0.5 > 0.3)
-    t = choose_threshold(ex, np.array([0.1, 0.2, 0.7, 0.9]), max_safe_fpr=0.3)
-    assert 0.7 < t <= 0.9
+def test_choose_threshold_respects_both_fpr_budgets() -> None:
+    ex = [Example("a", False, source="self_instruct"), Example("b", False, source="own_ordinary"),
+          Example("c", False, source="B"), Example("d", False, source="B"), Example("e", True, source="C")]
+    # ordinary rows score 0.2 and 0.6; borderline source B scores 0.3 and 0.8; the unsafe row 0.9
+    scores = np.array([0.2, 0.6, 0.3, 0.8, 0.9])
+    # ordinary budget 0.5 allows one of two ordinary rows flagged (t > 0.2); B's budget 0.5 needs t > 0.3
+    t = choose_threshold(ex, scores, ordinary_fpr=0.5, borderline_fpr=0.5)
+    assert 0.3 < t <= 0.35
+    # no ordinary false positive allowed: t > 0.6
+    assert 0.6 < choose_threshold(ex, scores, ordinary_fpr=0.0, borderline_fpr=0.5) <= 0.65
+    # the worst borderline source counts: B may not lose anything, so t > 0.8
+    assert 0.8 < choose_threshold(ex, scores, ordinary_fpr=0.5, borderline_fpr=0.0) <= 0.85
+    # safe Agent turns are measured, not budgeted: a refusal scoring 0.88 does not move the threshold
+    refusal = Example("f", False, role="Agent", source="B")
+    assert choose_threshold([*ex, refusal], np.r_[scores, 0.88], ordinary_fpr=0.5, borderline_fpr=0.5) == t
 
 
 def test_label_mapping_rules() -> None:
@@ -267,3 +276,13 @@ def test_moderate_is_concurrent_safe() -> None:
         return [v.safe for v in verdicts]
 
     assert asyncio.run(run()) == [False, True, False]
+
+
+def test_held_out_groups_match_source_and_group_prefix() -> None:
+    from tools.guard_report import held_out
+
+    row = Example("x", True, source="own_harmful_round2", group="statement-S1")
+    assert held_out(row, ("own_harmful_round2:statement-",))
+    assert held_out(row, ("harmbench", "own_harmful_round2"))
+    assert not held_out(row, ("own_harmful_round2:list-plan",))
+    assert not held_out(row, ("own_safe_round2:statement-",))
