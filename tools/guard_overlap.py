@@ -20,19 +20,18 @@ import numpy as np
 
 from guard.encoder import MiniLMEncoder
 from guard.features import FloatArray
-from tools.guard_data import DEFAULT_ROOT, OWN_DIR, load_all
+from tools.guard_data import DEFAULT_ROOT, OWN_DIR, Example, load_all
+from tools.train_guard import featurize, first_windows
 
 # protected source -> similarity at which an own row counts as a paraphrase of one of its rows
 LIMITS = {"harmbench": 0.75, "strongreject": 0.75, "malicious_instruct": 0.75, "alpaca": 0.85}
 
 
 def embed(encoder: MiniLMEncoder, texts: list[str]) -> FloatArray:
-    """First-window MiniLM vectors (unit length), one per text."""
-    out = []
-    for lo in range(0, len(texts), 64):
-        batch = encoder.extract(texts[lo : lo + 64])
-        out.append(batch.vectors[[int(np.nonzero(batch.owners == j)[0][0]) for j in range(batch.count)]])
-    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+    """First-window MiniLM vectors (unit length), one per text, through train_guard's feature cache."""
+    if not texts:
+        return np.zeros((0, encoder.dim), np.float32)
+    return first_windows(featurize([Example(t, False) for t in texts], encoder))
 
 
 def main(argv: list[str] | None = None) -> int:

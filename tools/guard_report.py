@@ -41,6 +41,7 @@ def held_out(ex: Example, specs: tuple[str, ...]) -> bool:
             return True
     return False
 
+
 def _figures_rows(name: str, examples: Sequence[Example], scores: FloatArray, threshold: float) -> list[str]:
     from tools.guard_eval import binary_figures, format_figures
 

@@ -162,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         featurize(args.model, [int(x) for x in args.layers.split(",")], args.workers)
         return 0
     examples = load_all()
-    _, mask = feature_matrix("+".join(s for s in args.specs if s != "minilm").split("+")[0] or "minilm",
-                             examples)
+    mask = np.ones(len(examples), bool)  # compare every spec on the rows that have hidden-state features
+    if any(part != "minilm" for spec in args.specs for part in spec.split("+")):
+        with np.load(CACHE) as z:
+            cached = set(map(str, z["keys"]))
+        mask = np.array([example_key(e) in cached for e in examples])
     print("| features | held out | recall | FPR | MaliciousInstruct recall |\n|---|---|---|---|---|")
     for spec in args.specs:
         print("\n".join(compare(spec, examples, mask, tg.TrainConfig())), flush=True)
