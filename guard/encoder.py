@@ -36,6 +36,8 @@ class MiniLMEncoder:
         manifest = json.loads((folder / "manifest.json").read_text())
         self._max_tokens = int(manifest["max_tokens"])
         self._dim = int(manifest["hidden_size"])
+        # an encoder exported with a fine-tuning adapter is a different feature space (manifest says which)
+        self._name = str(manifest.get("feature_name", FEATURE_NAME))
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         # the file pads/truncates to 128; windows and padding are done here instead
         self._tokenizer.no_truncation()
@@ -54,7 +56,7 @@ class MiniLMEncoder:
     @property
     def name(self) -> str:
         """The feature space id recorded in heads trained on these vectors."""
-        return FEATURE_NAME
+        return self._name
 
     @property
     def dim(self) -> int:

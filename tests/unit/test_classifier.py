@@ -286,3 +286,71 @@ def test_held_out_groups_match_source_and_group_prefix() -> None:
     assert held_out(row, ("harmbench", "own_harmful_round2"))
     assert not held_out(row, ("own_harmful_round2:list-plan",))
     assert not held_out(row, ("own_safe_round2:statement-",))
+
+
+def test_adapter_merge_adds_the_low_rank_product_and_replaces_named_tensors() -> None:
+    rng = np.random.default_rng(1)
+    weights = tiny_bert(rng)
+    name = "encoder.layer.1.attention.self.value"
+    a = rng.normal(size=(3, weights[f"{name}.weight"].shape[1])).astype(np.float16)
+    b = rng.normal(size=(weights[f"{name}.weight"].shape[0], 3)).astype(np.float16)
+    new_ln = weights["embeddings.LayerNorm.weight"] * 2
+    merged = export_encoder.apply_adapter(weights, {f"{name}.lora_a": a, f"{name}.lora_b": b,
+                                                    "embeddings.LayerNorm.weight": new_ln})
+    want = weights[f"{name}.weight"] + b.astype(np.float32) @ a.astype(np.float32)
+    np.testing.assert_allclose(merged[f"{name}.weight"], want, rtol=1e-6)
+    np.testing.assert_array_equal(merged["embeddings.LayerNorm.weight"], new_ln)
+    untouched = "encoder.layer.0.attention.self.query.weight"
+    assert merged[untouched] is weights[untouched]
+    assert not np.array_equal(weights[f"{name}.weight"], merged[f"{name}.weight"])  # the base is not mutated
+    with pytest.raises(ValueError, match="delta"):
+        export_encoder.apply_adapter(weights, {f"{name}.lora_a": a.T.copy(), f"{name}.lora_b": a})
+    with pytest.raises(ValueError, match="does not match"):
+        export_encoder.apply_adapter(weights, {"encoder.layer.9.output.dense.bias": new_ln})
+    assert export_encoder.feature_name(None) == "minilm-l6-v2/mean-l2"
+    assert export_encoder.feature_name("ab" * 32) == "minilm-l6-v2+lora-abababababab/mean-l2"
+
+
+def _toy_rows(rng: np.random.Generator) -> tuple[list[Example], list[np.ndarray]]:
+    """Safe rows near -1, unsafe near +1 (2-d), across ordinary, borderline, harmful and measure-only sources."""
+    rows: list[Example] = []
+    for i in range(240):
+        source, unsafe = [("self_instruct", False), ("B", False), ("C", True), ("H", True)][i % 4]
+        rows.append(Example(f"t{i}", unsafe, ("S1",) if unsafe else (), source=source, group=f"g{i % 3}",
+                            split="dev" if i % 5 == 0 else "train"))
+    rows += [Example(f"a{i}", False, source="alpaca", shippable=False, split="dev") for i in range(50)]
+    vecs = [(rng.normal(size=(1, 2)) * 0.5 + (1.0 if ex.unsafe else -1.0)).astype(np.float32) for ex in rows]
+    return rows, vecs
+
+
+def test_union_holdout_report_trains_without_the_held_out_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools import guard_report
+
+    rows, vecs = _toy_rows(np.random.default_rng(2))
+    seen: list[Example] = []
+    real_train = guard_report.train
+
+    def spy(examples: list[Example], *args: object) -> object:
+        seen.extend(examples)
+        return real_train(examples, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(guard_report, "train", spy)
+    text = guard_report.union_holdout_report(rows, vecs, TrainConfig(epochs=50), "toy", ("H", "C:g1"), 0.045, 0.3)
+    assert seen and not any(ex.source == "H" or (ex.source == "C" and ex.group == "g1") for ex in seen)
+    assert all(ex.shippable and ex.split == "train" for ex in seen)  # dev rows choose the threshold, never train
+    assert "(dev split, shipped rule)" in text and "(Alpaca FPR 0.04)" in text
+    assert "|   C:g1 |" in text and "|   H |" in text
+
+
+def test_dev_report_calibrated_on_dev_skips_held_out_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools import guard_report
+
+    def no_oof(*_: object, **__: object) -> None:
+        raise AssertionError("out-of-fold scores are overconfident on an adapted encoder's training rows")
+
+    monkeypatch.setattr(guard_report, "oof_scores", no_oof)
+    rows, vecs = _toy_rows(np.random.default_rng(3))
+    text, threshold = guard_report.dev_report(rows, vecs, TrainConfig(epochs=50), "toy", 0.045, 0.3,
+                                              calibrate="dev", held_out_sources=False)
+    assert 0.0 < threshold < 1.0 and "(dev)" in text
+    assert "held-out-source blocks skipped" in text and "without " not in text
