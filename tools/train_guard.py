@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="shared guard data folder")
     parser.add_argument("--own", type=Path, default=OWN_DIR)
-    parser.add_argument("--encoder", type=Path, default=Path("models/minilm-l6-v2"))
+    parser.add_argument("--encoder", type=Path, default=Path("models/minilm-l6-v2-guard"))
     parser.add_argument("--out", type=Path, default=Path("guard/heads/minilm-l6-v2"), help="path stem")
     parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
     parser.add_argument("--l2", type=float, default=TrainConfig.l2)
