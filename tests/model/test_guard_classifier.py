@@ -139,7 +139,8 @@ def test_shipped_head_records_its_provenance() -> None:
     # the head was trained on the encoder with exactly the shipped adapter, and the export merged that file
     assert manifest["adapter_sha256"] == sha256_of(ADAPTER_PATH)
     assert meta["features"] == manifest["feature_name"] == export_encoder.feature_name(sha256_of(ADAPTER_PATH))
-    assert meta["threshold_calibration"] == "dev"  # the adapter saw the train split: thresholds from dev
+    # the adapter saw the train split: thresholds from the dev split (+ out-of-fold scores from fold adapters)
+    assert str(meta["threshold_calibration"]).startswith("dev")
     sources = meta["training_sources"]
     assert isinstance(sources, dict)
     assert "alpaca" not in sources and "malicious_instruct" not in sources  # measure-only licences
