@@ -49,10 +49,11 @@ async def _one(stub: generation_pb2_grpc.GenerationServiceStub, text: str, max_n
     return (first or last) - start_t, gaps
 
 
-async def main_async(model: Path, rounds: int, max_new: int) -> dict[str, object]:
+async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: int = 1) -> dict[str, object]:
     base_args = ["--port", "0", "--no-metrics-enabled", "--model", str(model)]
     app, srv = await start(load_config([*base_args, "--guard-backend", "none"], env={}))
-    guarded_cfg = load_config([*base_args, "--guard-backend", "classifier"], env={})
+    guarded_cfg = load_config([*base_args, "--guard-backend", "classifier",
+                               "--guard-encoder-threads", str(encoder_threads)], env={})
     verdicts = ListSink()
     gapp = build_app(guarded_cfg, app.engine, stats=verdicts)
     gsrv = await start_server(guarded_cfg, gapp.generation, gapp.moderation, gapp.life, None)
@@ -83,6 +84,7 @@ async def main_async(model: Path, rounds: int, max_new: int) -> dict[str, object
         "note": "guarded TTFT includes the input verdict and the first release window (window-1 tokens "
         "generated and judged before the first text is released); itl is per token",
         "rounds": rounds,
+        "encoder_threads": encoder_threads,
         "requests_per_config": rounds * len(PROMPTS),
         "max_new_tokens": max_new,
         "median_seconds": med,
@@ -97,8 +99,9 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=Path("models/smollm2-135m-instruct-int4"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--encoder-threads", type=int, default=1, help="guard.encoder_threads of the guarded server")
     a = ap.parse_args()
-    out = asyncio.run(main_async(a.model, a.rounds, a.max_new_tokens))
+    out = asyncio.run(main_async(a.model, a.rounds, a.max_new_tokens, a.encoder_threads))
     print(json.dumps(out, indent=2))
     return 0
 

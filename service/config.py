@@ -157,6 +157,10 @@ class GuardConfig:
     head: Path = field(
         default=Path("guard/heads/minilm-l6-v2.npz"), metadata=_doc("Trained classifier head file.")
     )
+    # 1 leaves the cores to the generator; 2 halves an input verdict on an idle 2-core machine (docs/GUARD.md).
+    encoder_threads: int = field(
+        default=1, metadata=_doc("onnxruntime threads for the classifier's encoder.", low=1)
+    )
     input_threshold: float = field(
         default=DEFAULT_THRESHOLD,
         metadata=_doc("Block a user turn when its unsafe score is >= this.", low=0, high=1),

@@ -55,6 +55,7 @@ def _guard_engine(config: Config) -> Engine:
 def build_classifier(config: Config) -> Moderator:
     """The embedded classifier: MiniLM sentence features + the shipped head, thresholds from the policy."""
     g = config.guard
-    return ClassifierModerator(MiniLMEncoder(g.encoder), load_head(g.head), input_threshold=g.input_threshold,
+    encoder = MiniLMEncoder(g.encoder, threads=g.encoder_threads)
+    return ClassifierModerator(encoder, load_head(g.head), input_threshold=g.input_threshold,
                                output_threshold=g.output_threshold)
 

@@ -165,3 +165,15 @@ def test_guard_encoder_is_the_plain_encoder_plus_the_adapter(encoder: MiniLMEnco
     cosine = (got * plain).sum(axis=1)
     assert np.all(cosine < 0.999), "the adapter changed nothing"
     assert guard_encoder.name != encoder.name  # different feature spaces: heads cannot be swapped silently
+
+
+def test_encoder_threads_setting_reaches_the_encoder_session() -> None:
+    from service.config import load_config
+    from service.guard_factory import build_classifier
+
+    config = load_config([f"--guard-encoder={GUARD_ENCODER_DIR}", f"--guard-head={HEAD_PATH}"],
+                         {"SLUICE_GUARD_ENCODER_THREADS": "2"})
+    moderator = build_classifier(config)
+    assert isinstance(moderator, ClassifierModerator)
+    session = moderator._extractor._session  # type: ignore[attr-defined]
+    assert session.get_session_options().intra_op_num_threads == 2
