@@ -319,10 +319,14 @@ def apply_adapter(weights: Mapping[str, np.ndarray], adapter: Mapping[str, np.nd
 
 
 def feature_name(adapter_sha256: str | None) -> str:
-    """The feature-space id a head records: the plain encoder, or the encoder with one adapter file."""
+    """The feature-space id a head records: the plain encoder's (`guard.encoder.FEATURE_NAME`), or that
+    encoder with one adapter file."""
+    from guard.encoder import FEATURE_NAME
+
     if adapter_sha256 is None:
-        return "minilm-l6-v2/mean-l2"
-    return f"minilm-l6-v2+lora-{adapter_sha256[:12]}/mean-l2"
+        return FEATURE_NAME
+    model, pooling = FEATURE_NAME.split("/")
+    return f"{model}+lora-{adapter_sha256[:12]}/{pooling}"
 
 
 def export(src: Path, out: Path, adapter: Path | None = None) -> bool:

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from tools.export_encoder import find_wheel_model_dir, read_safetensors
-from tools.guard_data import DEFAULT_ROOT, OWN_DIR, Example, fold_of, load_all
+from tools.guard_data import Example, add_data_arguments, fold_of, load_all
 from tools.guard_report import held_out
 from tools.train_guard import sample_weights, targets
 
@@ -227,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         Process exit code.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="shared guard data folder")
-    parser.add_argument("--own", type=Path, default=OWN_DIR)
+    add_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="adapter .npz (a .json beside it: provenance)")
     parser.add_argument("--holdout", nargs="*", default=[], help="source or source:group-prefix to leave out")
     parser.add_argument("--include-dev", action="store_true", help="train on the dev split too")

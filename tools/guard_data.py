@@ -292,6 +292,12 @@ SOURCES = (harmbench, strongreject, do_not_answer, self_instruct, coconot, hatec
            wildguard_benign, responses, alpaca, malicious_instruct)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data-source options every guard tool takes: `--root` (the shared sets) and `--own` (our rows)."""
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="shared guard data folder")
+    parser.add_argument("--own", type=Path, default=OWN_DIR, help="our own rows (data/guard)")
+
+
 def load_all(root: Path = DEFAULT_ROOT, own_dir: Path = OWN_DIR) -> list[Example]:
     """Every labelled row, deduplicated by (text, role); the first source to claim a text keeps it.
 
@@ -330,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         Process exit code.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--own", type=Path, default=OWN_DIR)
+    add_data_arguments(parser)
     parser.add_argument("--split", choices=("train", "dev", "all"), default="dev")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ import numpy as np
 
 from guard.encoder import MiniLMEncoder
 from guard.features import FloatArray
-from tools.guard_data import DEFAULT_ROOT, OWN_DIR, Example, load_all
+from tools.guard_data import Example, add_data_arguments, load_all
 from tools.train_guard import featurize, first_windows
 
 # protected source -> similarity at which an own row counts as a paraphrase of one of its rows
@@ -36,8 +36,7 @@ def embed(encoder: MiniLMEncoder, texts: list[str]) -> FloatArray:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--own", type=Path, default=OWN_DIR)
+    add_data_arguments(parser)
     parser.add_argument("--encoder", type=Path, default=Path("models/minilm-l6-v2"))
     parser.add_argument("--drop", action="store_true", help="rewrite the files without the flagged rows")
     args = parser.parse_args(argv)

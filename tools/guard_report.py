@@ -57,9 +57,32 @@ def _figures_rows(name: str, examples: Sequence[Example], scores: FloatArray, th
     return rows
 
 
+def dev_split_scores(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str
+                     ) -> tuple[list[int], FloatArray]:
+    """The dev split's rows (measure-only sets included) scored by a head trained on the train split's
+    permissive rows: what the dev report shows and what dev calibration chooses thresholds on.
+
+    Returns:
+        (indices into `examples`, their (n, 15) scores).
+    """
+    tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
+    dv = [i for i, ex in enumerate(examples) if ex.split == "dev"]
+    head = train([examples[i] for i in tr], [vecs[i] for i in tr], cfg, feature_name)
+    return dv, score(head, [vecs[i] for i in dv])
+
+
+def dev_calibration_set(examples: Sequence[Example], dev: tuple[list[int], FloatArray]
+                        ) -> tuple[list[Example], FloatArray]:
+    """The permissive rows of `dev_split_scores`'s output: the rows a threshold may be chosen on."""
+    idx, scores = dev
+    keep = [k for k, i in enumerate(idx) if examples[i].shippable]
+    return [examples[idx[k]] for k in keep], scores[keep]
+
+
 def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str,
                ordinary_fpr: float, borderline_fpr: float, calibrate: str = "oof", held_out_sources: bool = True,
-               threshold: float | None = None) -> tuple[str, float]:
+               threshold: float | None = None, dev: tuple[list[int], FloatArray] | None = None
+               ) -> tuple[str, float]:
     """Markdown: in-distribution dev split, then one block per held-out source group.
 
     Args:
@@ -75,24 +98,21 @@ def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
             sources (its held-out evidence is `python -m tools.guard_report --holdout ...` on an adapter
             trained without them).
         threshold: use this threshold (chosen by the caller, e.g. on dev + k-fold scores) instead of choosing.
+        dev: `dev_split_scores`'s result when the caller already has it (it trains a head).
 
     Returns:
         (markdown, threshold used).
     """
     from tools.guard_eval import TABLE_HEADER
 
-    tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
-    dv = [i for i, ex in enumerate(examples) if ex.split == "dev"]
-    sub = [examples[i] for i in tr]
-    head = train(sub, [vecs[i] for i in tr], cfg, feature_name)
-    dev_scores = score(head, [vecs[i] for i in dv])
+    dv, dev_scores = dev or dev_split_scores(examples, vecs, cfg, feature_name)
     if threshold is None and calibrate == "dev":
-        dev_ship = [k for k, i in enumerate(dv) if examples[i].shippable]
-        threshold = choose_threshold([examples[dv[k]] for k in dev_ship], dev_scores[dev_ship, 0], ordinary_fpr,
-                                     borderline_fpr)
+        cal, cal_scores = dev_calibration_set(examples, (dv, dev_scores))
+        threshold = choose_threshold(cal, cal_scores[:, 0], ordinary_fpr, borderline_fpr)
     elif threshold is None:
-        oof = oof_scores(sub, [vecs[i] for i in tr], cfg, feature_name)
-        threshold = choose_threshold(sub, oof[:, 0], ordinary_fpr, borderline_fpr)
+        tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
+        oof = oof_scores([examples[i] for i in tr], [vecs[i] for i in tr], cfg, feature_name)
+        threshold = choose_threshold([examples[i] for i in tr], oof[:, 0], ordinary_fpr, borderline_fpr)
     lines = [f"config {asdict(cfg)}, threshold {threshold:.3f} ({calibrate})", "",
              "### dev split (20% of every training source by text hash; alpaca + malicious_instruct never "
              "trained)", "", TABLE_HEADER]
@@ -182,14 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from guard.encoder import MiniLMEncoder
-    from tools.guard_data import DEFAULT_ROOT, OWN_DIR, load_all
+    from tools.guard_data import add_data_arguments, load_all
     from tools.train_guard import featurize
 
     parser = argparse.ArgumentParser(description=union_holdout_report.__doc__)
     parser.add_argument("--encoder", type=Path, required=True)
     parser.add_argument("--holdout", nargs="+", required=True, help="source or source:group-prefix")
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--own", type=Path, default=OWN_DIR)
+    add_data_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     examples = load_all(args.root, args.own)

@@ -27,7 +27,7 @@ import numpy as np
 
 from guard.backends.classifier import Head, save_head
 from guard.features import FeatureExtractor, FloatArray
-from tools.guard_data import DEFAULT_ROOT, OWN_DIR, Example, load_all
+from tools.guard_data import Example, add_data_arguments, load_all
 
 LOG = logging.getLogger("train_guard")
 CODES = tuple(f"S{i}" for i in range(1, 15))
@@ -323,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         Process exit code.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="shared guard data folder")
-    parser.add_argument("--own", type=Path, default=OWN_DIR)
+    add_data_arguments(parser)
     parser.add_argument("--encoder", type=Path, default=Path("models/minilm-l6-v2-guard"))
     parser.add_argument("--out", type=Path, default=Path("guard/heads/minilm-l6-v2"), help="path stem")
     parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
@@ -357,12 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     ship = [examples[i] for i in keep]
     ship_vecs = [vecs[i] for i in keep]
     threshold: float | None = None
+    dev = None
     if calibrate == "dev":
-        tr = [i for i in keep if examples[i].split == "train"]
-        dv = [i for i in keep if examples[i].split == "dev"]
-        cal = [examples[i] for i in dv]
-        cal_scores = score(train([examples[i] for i in tr], [vecs[i] for i in tr], cfg, extractor.name),
-                           [vecs[i] for i in dv])
+        dev = guard_report.dev_split_scores(examples, vecs, cfg, extractor.name)
+        cal, cal_scores = guard_report.dev_calibration_set(examples, dev)
         if args.fold_encoders:  # plus out-of-fold scores for the train split: ~5x the calibration rows
             rows, scores = guard_calibration.kfold_scores(examples, args.fold_encoders, cfg)
             cal, cal_scores = cal + rows, np.concatenate([cal_scores, scores])
@@ -370,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         threshold = choose_threshold(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr)
     report, _ = guard_report.dev_report(examples, vecs, cfg, extractor.name, args.ordinary_fpr,
                                         args.borderline_fpr, calibrate=calibrate, held_out_sources=not adapted,
-                                        threshold=threshold)
+                                        threshold=threshold, dev=dev)
     sys.stdout.write(report + "\n")
     if args.report:
         return 0
