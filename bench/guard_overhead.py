@@ -49,11 +49,16 @@ async def _one(stub: generation_pb2_grpc.GenerationServiceStub, text: str, max_n
     return (first or last) - start_t, gaps
 
 
-async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: int = 1) -> dict[str, object]:
+async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: int = 1,
+                     first_window: int | None = None, encoder: Path | None = None,
+                     head: Path | None = None) -> dict[str, object]:
     base_args = ["--port", "0", "--no-metrics-enabled", "--model", str(model)]
     app, srv = await start(load_config([*base_args, "--guard-backend", "none"], env={}))
+    guard_args = [] if first_window is None else ["--guard-first-release-window-tokens", str(first_window)]
+    guard_args += [] if encoder is None else ["--guard-encoder", str(encoder)]
+    guard_args += [] if head is None else ["--guard-head", str(head)]
     guarded_cfg = load_config([*base_args, "--guard-backend", "classifier",
-                               "--guard-encoder-threads", str(encoder_threads)], env={})
+                               "--guard-encoder-threads", str(encoder_threads), *guard_args], env={})
     verdicts = ListSink()
     gapp = build_app(guarded_cfg, app.engine, stats=verdicts)
     gsrv = await start_server(guarded_cfg, gapp.generation, gapp.moderation, gapp.life, None)
@@ -78,13 +83,19 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
     by_stage: dict[str, list[float]] = {}
     for v in verdicts.verdicts:
         by_stage.setdefault(v.stage.value, []).append(v.latency)
+    verdict_median = {k: statistics.median(v) for k, v in by_stage.items()}
     return {
-        "verdict_latency_median_seconds": {k: statistics.median(v) for k, v in by_stage.items()},
+        "verdict_latency_median_seconds": verdict_median,
+        "input_verdict_share_of_unguarded_ttft": verdict_median.get("input", 0.0) / med["none"]["ttft"],
         "verdicts": {k: len(v) for k, v in by_stage.items()},
-        "note": "guarded TTFT includes the input verdict and the first release window (window-1 tokens "
-        "generated and judged before the first text is released); itl is per token",
+        "note": "guarded TTFT includes the input verdict and the first release window (its tokens generated "
+        "and judged before the first text is released); itl is per token",
         "rounds": rounds,
         "encoder_threads": encoder_threads,
+        "encoder": str(guarded_cfg.guard.encoder),
+        "head": str(guarded_cfg.guard.head),
+        "release_windows": {"first": guarded_cfg.guard.first_release_window_tokens,
+                            "window": guarded_cfg.guard.release_window_tokens},
         "requests_per_config": rounds * len(PROMPTS),
         "max_new_tokens": max_new,
         "median_seconds": med,
@@ -100,8 +111,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--encoder-threads", type=int, default=1, help="guard.encoder_threads of the guarded server")
+    ap.add_argument("--first-window", type=int, default=None,
+                    help="guard.first_release_window_tokens of the guarded server (default: the config default)")
+    ap.add_argument("--encoder", type=Path, default=None, help="guard.encoder (default: the config default)")
+    ap.add_argument("--head", type=Path, default=None, help="guard.head (default: the config default)")
     a = ap.parse_args()
-    out = asyncio.run(main_async(a.model, a.rounds, a.max_new_tokens, a.encoder_threads))
+    out = asyncio.run(main_async(a.model, a.rounds, a.max_new_tokens, a.encoder_threads, a.first_window,
+                                 a.encoder, a.head))
     print(json.dumps(out, indent=2))
     return 0
 

@@ -26,6 +26,9 @@ DEFAULT_THRESHOLD = 0.5  # the Llama Guard 3 model cards' operating point
 # 16 tokens bounds what a client can see before a block to roughly one short sentence, while keeping
 # judge calls to about one per 16 decode steps (a judge call costs far more than a decode step).
 DEFAULT_RELEASE_WINDOW_TOKENS = 16
+# The first release window: the client's first text waits for this many judged tokens, not a whole window;
+# later windows double up to `release_window_tokens` (guard/stream.py).
+DEFAULT_FIRST_RELEASE_WINDOW_TOKENS = 4
 # A guard check that takes longer than this is treated as a backend error (then fail-open/closed).
 DEFAULT_TIMEOUT_SECONDS = 2.0
 ERROR_BACKEND = "error"
@@ -72,6 +75,8 @@ class Policy:
         output_threshold: block an Agent message when its unsafe score >= this.
         fail_open: on a backend error or timeout, let the content pass (True) or block it (False, default).
         release_window_tokens: generated tokens held back between output checks.
+        first_release_window_tokens: tokens before the first output check (capped at release_window_tokens);
+            later windows double up to release_window_tokens.
         timeout_seconds: longest a single check may take before it counts as a backend error.
     """
 
@@ -82,6 +87,7 @@ class Policy:
     output_threshold: float = DEFAULT_THRESHOLD
     fail_open: bool = False
     release_window_tokens: int = DEFAULT_RELEASE_WINDOW_TOKENS
+    first_release_window_tokens: int = DEFAULT_FIRST_RELEASE_WINDOW_TOKENS
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     _known: frozenset[str] = field(init=False, repr=False, compare=False)
     _active: tuple[Category, ...] = field(init=False, repr=False, compare=False)
@@ -104,6 +110,8 @@ class Policy:
         _check_threshold("output_threshold", self.output_threshold)
         if self.release_window_tokens < 1:
             raise PolicyError(f"release_window_tokens must be >= 1, got {self.release_window_tokens}")
+        if self.first_release_window_tokens < 1:
+            raise PolicyError(f"first_release_window_tokens must be >= 1, got {self.first_release_window_tokens}")
         if not (self.timeout_seconds > 0 and math.isfinite(self.timeout_seconds)):
             raise PolicyError(f"timeout_seconds must be > 0, got {self.timeout_seconds}")
         excluded = set(self.excluded)

@@ -1,8 +1,10 @@
 """The output-side release window: streamed text reaches the client only after a safe verdict covers it.
 
 `StreamGuard` holds generated pieces back and asks an injected judge about (all generated text so far)
-every `window` pieces and once more at the end. A safe verdict releases everything it covered; an unsafe
-one closes the guard for good: nothing more is released, whatever is fed after.
+every `window` pieces and once more at the end. The first windows can be shorter (`first_window`, then
+doubling up to `window`): the client's first text then waits for a few judged tokens instead of a whole
+window, while the bound on withheld text (below) stays `window`. A safe verdict releases everything it
+covered; an unsafe one closes the guard for good: nothing more is released, whatever is fed after.
 
 Invariant (tested with hypothesis): the released pieces always concatenate to a prefix of the text that
 the last safe verdict covered, and no piece is released after an unsafe verdict.
@@ -66,6 +68,8 @@ class StreamGuard(Generic[T]):
         window: pieces between checks (>= 1); every `feed` counts as one piece, even an empty one.
         text_of: the text of an item (`str` for plain strings).
         clock: monotonic seconds; injected so tests need no sleeping.
+        first_window: pieces before the first check (>= 1, default `window`, capped at `window`); each
+            later window doubles until it reaches `window`.
     """
 
     def __init__(
@@ -74,11 +78,15 @@ class StreamGuard(Generic[T]):
         window: int,
         text_of: Callable[[T], str],
         clock: Callable[[], float] = time.perf_counter,
+        first_window: int | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        if first_window is not None and first_window < 1:
+            raise ValueError(f"first_window must be >= 1, got {first_window}")
         self._judge = judge
         self._window = window
+        self._next_window = window if first_window is None else min(first_window, window)
         self._text_of = text_of
         self._clock = clock
         self._parts: list[str] = []
@@ -91,8 +99,13 @@ class StreamGuard(Generic[T]):
 
     @property
     def window(self) -> int:
-        """Pieces between checks."""
+        """Pieces between checks, once the first windows have grown to it."""
         return self._window
+
+    @property
+    def next_window(self) -> int:
+        """Pieces the current window holds before its check."""
+        return self._next_window
 
     @property
     def blocked(self) -> bool:
@@ -121,8 +134,9 @@ class StreamGuard(Generic[T]):
             return []
         self._parts.append(self._text_of(item))
         self._pending.append((item, self._clock()))
-        if len(self._pending) < self._window:
+        if len(self._pending) < self._next_window:
             return []
+        self._next_window = min(self._next_window * 2, self._window)
         return await self._check()
 
     async def finish(self) -> tuple[list[T], Verdict]:
@@ -191,7 +205,7 @@ class StreamGuard(Generic[T]):
 
 
 def text_stream_guard(
-    judge: Judge, window: int, clock: Callable[[], float] = time.perf_counter
+    judge: Judge, window: int, clock: Callable[[], float] = time.perf_counter, first_window: int | None = None
 ) -> StreamGuard[str]:
     """A `StreamGuard` over plain text pieces.
 
@@ -199,8 +213,9 @@ def text_stream_guard(
         judge: async verdict over all generated text so far.
         window: pieces between checks.
         clock: monotonic seconds.
+        first_window: pieces before the first check (see `StreamGuard`).
 
     Returns:
         The guard.
     """
-    return StreamGuard(judge, window, text_of=str, clock=clock)
+    return StreamGuard(judge, window, text_of=str, clock=clock, first_window=first_window)

@@ -51,7 +51,8 @@ def policy_from_config(config: Config) -> Policy:
     g = config.guard
     return Policy(enabled=BUILTIN_CODES, excluded=tuple(g.excluded_categories), input_threshold=g.input_threshold,
                   output_threshold=g.output_threshold, fail_open=g.fail_open,
-                  release_window_tokens=g.release_window_tokens, timeout_seconds=g.timeout_seconds)
+                  release_window_tokens=g.release_window_tokens,
+                  first_release_window_tokens=g.first_release_window_tokens, timeout_seconds=g.timeout_seconds)
 
 
 def chat_template(tokenizer_config: dict[str, object]) -> ChatTemplate | None:
@@ -79,6 +80,7 @@ def build_app(config: Config, engine: Engine, stats: StatsSink | None = None,
         backend=config.guard.backend.value, enabled_categories=sort_codes(policy.active_codes),
         categories=sort_codes(policy.known_codes), input_threshold=policy.input_threshold,
         output_threshold=policy.output_threshold, release_window_tokens=policy.release_window_tokens,
+        first_release_window_tokens=min(policy.first_release_window_tokens, policy.release_window_tokens),
         fail_open=policy.fail_open)
     info = ServingInfo(model_name=engine.spec.path.name, precision=engine.spec.precision,
                        context_length=engine.max_context, vocab_size=engine.tokenizer.vocab_size,

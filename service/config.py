@@ -24,7 +24,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
-from guard.policy import DEFAULT_RELEASE_WINDOW_TOKENS, DEFAULT_THRESHOLD, DEFAULT_TIMEOUT_SECONDS
+from guard.policy import (
+    DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
+    DEFAULT_RELEASE_WINDOW_TOKENS,
+    DEFAULT_THRESHOLD,
+    DEFAULT_TIMEOUT_SECONDS,
+)
 from service import config_sources as sources
 from service.config_sources import ConfigError as ConfigError
 from service.config_sources import Secret as Secret
@@ -184,6 +189,11 @@ class GuardConfig:
     release_window_tokens: int = field(
         default=DEFAULT_RELEASE_WINDOW_TOKENS,
         metadata=_doc("Streamed output is released after at most this many judged tokens.", low=1),
+    )
+    first_release_window_tokens: int = field(
+        default=DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
+        metadata=_doc("The first release comes after this many judged tokens; later windows double up to "
+                      "release_window_tokens.", low=1),
     )
     excluded_categories: tuple[str, ...] = field(
         default=(), metadata=_doc("Category codes not blocked, e.g. S6,S8.")

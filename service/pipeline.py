@@ -172,7 +172,8 @@ class Pipeline:
                     tail = text[-OUTPUT_JUDGE_CHARS:]
                     return await self.judge((*conversation, Message("assistant", tail)), Role.AGENT,
                                             Stage.OUTPUT, policy)
-                guard = StreamGuard(judge_output, policy.release_window_tokens, text_of=_event_text)
+                guard = StreamGuard(judge_output, policy.release_window_tokens, text_of=_event_text,
+                                    first_window=policy.first_release_window_tokens)
             async for ev in stream:
                 released = [ev] if guard is None else await guard.feed(ev)
                 if guard is not None and guard.blocked:

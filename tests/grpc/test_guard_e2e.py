@@ -113,6 +113,25 @@ async def test_no_text_is_released_before_it_was_judged_safe(served: Served, mod
         assert judged and any(t.startswith(released) for t in judged), released
 
 
+async def test_first_release_comes_after_the_first_window_and_windows_double(served: Served,
+                                                                             model_dir: Path) -> None:
+    args = ("--guard-release-window-tokens", "8", "--guard-first-release-window-tokens", "2")
+    sizes: list[int] = []
+    async with guarded(served, model_dir, *args) as (target, rec), grpc.aio.insecure_channel(target) as ch:
+        info = await generation_pb2_grpc.GenerationServiceStub(ch).GetModelInfo(
+            generation_pb2.GetModelInfoRequest(), timeout=WAIT_SECONDS)
+        req = chat("Write a short poem about rivers.", max_new_tokens=20)
+        async for resp in generation_pb2_grpc.GenerationServiceStub(ch).Generate(req, timeout=WAIT_SECONDS):
+            if resp.HasField("chunk"):
+                sizes.append(len(resp.chunk.token_ids))
+            else:
+                final = resp.final
+    assert (info.model_info.guard.release_window_tokens, info.model_info.guard.first_release_window_tokens) == (8, 2)
+    assert final.usage.completion_tokens == 20, "the poem ended early: the window schedule is not exercised"
+    assert sizes[:3] == [2, 4, 8] and sum(sizes) == 20  # checks after 2, 6 and 14 tokens, then the end
+    assert len([c for c in rec.calls if c[0] is Stage.OUTPUT]) == 4
+
+
 async def test_output_verdict_stops_the_stream(served: Served, model_dir: Path) -> None:
     guard = common_pb2.GuardOptions(output_threshold=0.0, release_window_tokens=2)
     async with guarded(served, model_dir) as (target, rec):

@@ -130,9 +130,26 @@ async def test_generic_items_and_latency_stats() -> None:
     assert guard.stats.max_release_delay_seconds == pytest.approx(0.6)
 
 
+async def test_first_windows_are_shorter_and_double_up_to_the_window() -> None:
+    judge = FakeJudge()
+    guard = text_stream_guard(judge, window=8, first_window=2)
+    released = [await guard.feed(str(i % 10)) for i in range(20)]
+    # checks after 2, 2+4, 2+4+8, 2+4+8+8 pieces; then the tail at finish
+    assert [i + 1 for i, r in enumerate(released) if r] == [2, 6, 14]
+    assert [len(r) for r in released if r] == [2, 4, 8]
+    tail, _ = await guard.finish()
+    assert len(tail) == 6 and [len(t) for t in judge.seen] == [2, 6, 14, 20]
+    assert guard.next_window == guard.window == 8
+    # a first window larger than the window is the window
+    capped = text_stream_guard(FakeJudge(), window=3, first_window=10)
+    assert capped.next_window == 3
+
+
 async def test_misuse_raises() -> None:
     with pytest.raises(ValueError):
         text_stream_guard(FakeJudge(), window=0)
+    with pytest.raises(ValueError):
+        text_stream_guard(FakeJudge(), window=4, first_window=0)
     guard = text_stream_guard(FakeJudge(), window=1)
     await guard.finish()
     with pytest.raises(RuntimeError):
@@ -141,9 +158,9 @@ async def test_misuse_raises() -> None:
         await guard.finish()
 
 
-async def _run(pieces: list[str], script: list[bool], window: int) -> None:
+async def _run(pieces: list[str], script: list[bool], window: int, first_window: int | None = None) -> None:
     judge = FakeJudge(script=list(script))
-    guard = text_stream_guard(judge, window=window)
+    guard = text_stream_guard(judge, window=window, first_window=first_window)
     released: list[str] = []
     cleared = ""  # text covered by the latest safe verdict
     released_at_block: int | None = None
@@ -171,6 +188,9 @@ async def _run(pieces: list[str], script: list[bool], window: int) -> None:
         if len(judge.seen) > calls_before:
             assert judge.seen[-1] == fed  # each call covers everything generated so far
         observe()
+        # what the client waits for is bounded by the window, whatever the first window
+        stats = guard.stats
+        assert stats.tokens_fed - stats.tokens_released - stats.tokens_withheld < window
     tail, verdict = await guard.finish()
     released += tail
     observe()
@@ -187,6 +207,24 @@ async def _run(pieces: list[str], script: list[bool], window: int) -> None:
     pieces=st.lists(st.sampled_from(["", "a", "bc", " ", "é", "\n"]), max_size=30),
     script=st.lists(st.booleans(), max_size=12),
     window=st.integers(min_value=1, max_value=6),
+    first_window=st.none() | st.integers(min_value=1, max_value=8),
 )
-def test_never_releases_uncleared_text(pieces: list[str], script: list[bool], window: int) -> None:
-    asyncio.run(_run(pieces, script, window))
+def test_never_releases_uncleared_text(pieces: list[str], script: list[bool], window: int,
+                                       first_window: int | None) -> None:
+    asyncio.run(_run(pieces, script, window, first_window))
+
+
+@pytest.mark.parametrize(("n", "first", "window"), [(0, 4, 16), (3, 4, 16), (4, 4, 16), (50, 4, 16), (50, 16, 16),
+                                                    (33, 2, 8), (20, 20, 6)])
+def test_the_false_block_bench_replays_the_stream_guards_checks(n: int, first: int, window: int) -> None:
+    from bench.guard_false_blocks import checkpoints
+
+    async def run() -> list[int]:
+        judge = FakeJudge()
+        guard = text_stream_guard(judge, window=window, first_window=first)
+        for _ in range(n):
+            await guard.feed("x")
+        await guard.finish()
+        return [len(text) for text in judge.seen]
+
+    assert checkpoints(n, first, window) == asyncio.run(run())
