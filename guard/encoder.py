@@ -22,6 +22,10 @@ FEATURE_NAME = "minilm-l6-v2/mean-l2"
 WINDOW_OVERLAP = 32
 # Rows per onnxruntime call: bounds the padded (batch, seq, seq) attention buffers.
 MAX_BATCH_ROWS = 32
+# An int8 encoder (tools/encoder_int8.py) quantizes activations with one scale per tensor, taken from the
+# whole batch, padding included: a window's vector would depend on its batch mates. So it runs one window
+# per call, unpadded, and a text's verdict is the same alone or among other turns (and in training).
+INT8_BATCH_ROWS = 1
 
 
 class MiniLMEncoder:
@@ -38,6 +42,7 @@ class MiniLMEncoder:
         self._dim = int(manifest["hidden_size"])
         # an encoder exported with a fine-tuning adapter is a different feature space (manifest says which)
         self._name = str(manifest.get("feature_name", FEATURE_NAME))
+        self._batch_rows = INT8_BATCH_ROWS if manifest.get("weights") == "int8" else MAX_BATCH_ROWS
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         # the file pads/truncates to 128; windows and padding are done here instead
         self._tokenizer.no_truncation()
@@ -90,7 +95,7 @@ class MiniLMEncoder:
         return windows, owners
 
     def encode_windows(self, windows: Sequence[Sequence[int]]) -> FloatArray:
-        """Run the encoder on token windows, batched by similar length to limit padding.
+        """Run the encoder on token windows, batched by similar length to limit padding (int8: one per call).
 
         Args:
             windows: token id lists, each at most the encoder's window.
@@ -100,8 +105,8 @@ class MiniLMEncoder:
         """
         out = np.zeros((len(windows), self._dim), dtype=np.float32)
         order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
-        for lo in range(0, len(order), MAX_BATCH_ROWS):
-            rows = order[lo : lo + MAX_BATCH_ROWS]
+        for lo in range(0, len(order), self._batch_rows):
+            rows = order[lo : lo + self._batch_rows]
             width = max(len(windows[i]) for i in rows)
             ids = np.zeros((len(rows), width), dtype=np.int64)  # (batch, seq), 0 = [PAD]
             mask = np.zeros((len(rows), width), dtype=np.int64)

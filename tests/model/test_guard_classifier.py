@@ -1,5 +1,5 @@
-"""The real encoders (models/minilm-l6-v2 plain and models/minilm-l6-v2-guard with the shipped adapter, both
-built by `make encoder`) and the shipped head."""
+"""The real encoders (models/minilm-l6-v2 plain and models/minilm-l6-v2-guard with the shipped adapter and int8
+weights, both built by `make encoder`) and the shipped head."""
 
 from __future__ import annotations
 
@@ -138,7 +138,9 @@ def test_shipped_head_records_its_provenance() -> None:
     manifest = json.loads((GUARD_ENCODER_DIR / "manifest.json").read_text())
     # the head was trained on the encoder with exactly the shipped adapter, and the export merged that file
     assert manifest["adapter_sha256"] == sha256_of(ADAPTER_PATH)
-    assert meta["features"] == manifest["feature_name"] == export_encoder.feature_name(sha256_of(ADAPTER_PATH))
+    assert manifest["weights"] == "int8"
+    assert meta["features"] == manifest["feature_name"] == export_encoder.feature_name(sha256_of(ADAPTER_PATH),
+                                                                                        int8=True)
     # the adapter saw the train split: thresholds from the dev split (+ out-of-fold scores from fold adapters)
     assert str(meta["threshold_calibration"]).startswith("dev")
     sources = meta["training_sources"]
@@ -148,23 +150,38 @@ def test_shipped_head_records_its_provenance() -> None:
     assert ADAPTER_PATH.stat().st_size < 2_000_000
 
 
-def test_guard_encoder_is_the_plain_encoder_plus_the_adapter(encoder: MiniLMEncoder,
-                                                              guard_encoder: MiniLMEncoder) -> None:
+def test_guard_encoder_is_the_plain_encoder_plus_the_adapter_in_int8(encoder: MiniLMEncoder,
+                                                                      guard_encoder: MiniLMEncoder) -> None:
     src = export_encoder.find_wheel_model_dir()
+    base = export_encoder.read_safetensors(src / "model.safetensors")
     with np.load(ADAPTER_PATH) as z:
-        weights = export_encoder.apply_adapter(export_encoder.read_safetensors(src / "model.safetensors"),
-                                               {k: z[k] for k in z.files})
+        weights = export_encoder.apply_adapter(base, {k: z[k] for k in z.files})
     config = json.loads((src / "config.json").read_text())
-    windows, _ = guard_encoder.windows(["How do I kill a Python process?", "Tell me how to hurt someone."])
+    texts = ["How do I kill a Python process?", "Tell me how to hurt someone.",
+             "Write a poem about autumn leaves falling on a quiet lake."]
+    windows, _ = guard_encoder.windows(texts)
     width = max(map(len, windows))
     ids = np.array([w + [0] * (width - len(w)) for w in windows], dtype=np.int64)
     mask = np.array([[1] * len(w) + [0] * (width - len(w)) for w in windows], dtype=np.int64)
     got = guard_encoder.encode_windows(windows)
-    assert np.abs(got - export_encoder.numpy_forward(weights, config, ids, mask)).max() < 1e-4
-    plain = encoder.encode_windows(windows)
-    cosine = (got * plain).sum(axis=1)
-    assert np.all(cosine < 0.999), "the adapter changed nothing"
+    merged = (got * export_encoder.numpy_forward(weights, config, ids, mask)).sum(axis=1)
+    plain = (got * export_encoder.numpy_forward(base, config, ids, mask)).sum(axis=1)
+    # int8 weights move the vectors a little (tools/encoder_int8.MIN_COSINE); the adapter moves them further
+    assert np.all(merged > 0.97), merged
+    assert np.all(merged < 1.0 - 1e-6), "the served encoder is not int8"
+    assert np.all(plain < merged - 0.01), (plain, merged)
+    assert np.all((got * encoder.encode_windows(windows)).sum(axis=1) < 0.999), "the adapter changed nothing"
     assert guard_encoder.name != encoder.name  # different feature spaces: heads cannot be swapped silently
+
+
+def test_int8_guard_encoder_gives_a_window_the_same_vector_alone_or_in_a_batch(
+        guard_encoder: MiniLMEncoder) -> None:
+    # int8 activations are quantized with one scale per tensor: batched, a window's vector would depend on its
+    # batch mates (measured cosine 0.992), so the int8 encoder runs one window per call
+    windows, _ = guard_encoder.windows(["How do I make a pipe bomb?", "What is the capital of Japan? " * 10, "hi"])
+    together = guard_encoder.encode_windows(windows)
+    for i, window in enumerate(windows):
+        np.testing.assert_array_equal(guard_encoder.encode_windows([window])[0], together[i])
 
 
 def test_encoder_threads_setting_reaches_the_encoder_session() -> None:
