@@ -4,7 +4,7 @@ Our rows train the shipped head; the public harmful sets are also what the held-
 measured on, and Alpaca / MaliciousInstruct are measure-only. A self-written row that paraphrases one of
 them would make those figures optimistic. This tool embeds every own row with MiniLM and flags those whose
 cosine similarity to a protected row reaches the limit; `--drop` rewrites the files without them
-(contrastive pairs, rows sharing a `pair-*` topic, are dropped whole).
+(contrastive pairs, rows sharing a `pair-N` or `<prefix>-pair-N` topic, are dropped whole).
 
     python -m tools.guard_overlap            # report
     python -m tools.guard_overlap --drop     # and remove the flagged rows
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in np.nonzero(sims >= limit)[0].tolist():
                 flagged.add(i)
                 print(f"{path.name}: {sims[i]:.2f} ~ {src}: {rows[i]['text'][:90]!r}")
-        pairs = {rows[i]["topic"] for i in flagged if str(rows[i].get("topic", "")).startswith("pair-")}
+        pairs = {rows[i]["topic"] for i in flagged if str(rows[i].get("topic", "")).split("-")[-2:-1] == ["pair"]}
         flagged |= {i for i, r in enumerate(rows) if r.get("topic") in pairs}
         flagged_total += len(flagged)
         if args.drop and flagged:
