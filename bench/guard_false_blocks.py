@@ -25,10 +25,10 @@ from tokenizers import Tokenizer
 from guard.backends.classifier import ClassifierModerator, load_head
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
+from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from service.app import start
 from service.config import load_config
-from service.pipeline import OUTPUT_JUDGE_CHARS
 
 SCHEDULES = {"first 4, doubling to 16": (4, 16), "flat 16": (16, 16)}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -85,7 +85,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         for name, (first, window) in SCHEDULES.items():
             for k in checkpoints(len(ids), first, window):
                 if k not in scores:
-                    tail = tokenizer.decode(ids[:k])[-OUTPUT_JUDGE_CHARS:]
+                    tail = tokenizer.decode(ids[:k])[-DEFAULT_OUTPUT_CONTEXT_CHARS:]
                     verdict = await moderator.moderate([Message("user", prompt), Message("assistant", tail)],
                                                        Role.AGENT, Stage.OUTPUT)
                     scores[k] = verdict.score

@@ -2,7 +2,8 @@
 
 Runs the same chat requests against one in-process server twice per round, with the guard off
 (`--guard-backend none`) and on (the embedded classifier, default window), alternating to spread machine
-noise, and reports medians of client-side TTFT and inter-chunk latency per configuration and their ratios.
+noise, and reports medians of client-side TTFT, per-token latency and aggregate tokens/s per configuration and their
+ratios. `--concurrency N` runs N streams of each prompt at once (the engine batches them).
 
     python -m bench.guard_overhead --rounds 5
 """
@@ -32,26 +33,29 @@ PROMPTS = (
 )
 
 
-async def _one(stub: generation_pb2_grpc.GenerationServiceStub, text: str, max_new: int) -> tuple[float, list[float]]:
+async def _one(stub: generation_pb2_grpc.GenerationServiceStub, text: str,
+               max_new: int) -> tuple[float, list[float], int]:
     msgs = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content=text)])
     start_t = time.perf_counter()
     first: float | None = None
     last = start_t
     gaps: list[float] = []
+    tokens = 0
     async for resp in stub.Generate(generation_pb2.GenerateRequest(messages=msgs, max_new_tokens=max_new)):
         if resp.HasField("chunk"):
+            tokens += len(resp.chunk.token_ids)
             now = time.perf_counter()
             if first is None:
                 first = now
             else:
                 gaps.append((now - last) / max(1, len(resp.chunk.token_ids)))  # per token
             last = now
-    return (first or last) - start_t, gaps
+    return (first or last) - start_t, gaps, tokens
 
 
 async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: int = 1,
                      first_window: int | None = None, encoder: Path | None = None,
-                     head: Path | None = None) -> dict[str, object]:
+                     head: Path | None = None, concurrency: int = 1) -> dict[str, object]:
     base_args = ["--port", "0", "--no-metrics-enabled", "--model", str(model)]
     app, srv = await start(load_config([*base_args, "--guard-backend", "none"], env={}))
     guard_args = [] if first_window is None else ["--guard-first-release-window-tokens", str(first_window)]
@@ -64,18 +68,22 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
     gsrv = await start_server(guarded_cfg, gapp.generation, gapp.moderation, gapp.life, None)
     await gsrv.set_serving(True)
     results: dict[str, dict[str, list[float]]] = {
-        "none": {"ttft": [], "itl": []},
-        "classifier": {"ttft": [], "itl": []},
+        "none": {"ttft": [], "itl": [], "tok_s": []},
+        "classifier": {"ttft": [], "itl": [], "tok_s": []},
     }
     try:
         for _ in range(rounds):
             for name, port in (("none", srv.port), ("classifier", gsrv.port)):
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                     stub = generation_pb2_grpc.GenerationServiceStub(ch)
-                    for p in PROMPTS:
-                        ttft, gaps = await _one(stub, p, max_new)
-                        results[name]["ttft"].append(ttft)
-                        results[name]["itl"].extend(gaps)
+                    for p in PROMPTS:  # `concurrency` streams of the same prompt at once
+                        started = time.perf_counter()
+                        runs = await asyncio.gather(*(_one(stub, p, max_new) for _ in range(concurrency)))
+                        wall = time.perf_counter() - started
+                        for ttft, gaps, _ in runs:
+                            results[name]["ttft"].append(ttft)
+                            results[name]["itl"].extend(gaps)
+                        results[name]["tok_s"].append(sum(n for _, _, n in runs) / wall)
     finally:
         await gsrv.server.stop(0)
         await srv.drain()
@@ -96,9 +104,10 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
         "head": str(guarded_cfg.guard.head),
         "release_windows": {"first": guarded_cfg.guard.first_release_window_tokens,
                             "window": guarded_cfg.guard.release_window_tokens},
-        "requests_per_config": rounds * len(PROMPTS),
+        "concurrency": concurrency,
+        "requests_per_config": rounds * len(PROMPTS) * concurrency,
         "max_new_tokens": max_new,
-        "median_seconds": med,
+        "medians": med,  # ttft and itl in seconds (itl per token), tok_s aggregate tokens per second
         "ratio_guarded_over_none": {k: med["classifier"][k] / med["none"][k] for k in med["none"]},
     }
 
@@ -115,9 +124,10 @@ def main() -> int:
                     help="guard.first_release_window_tokens of the guarded server (default: the config default)")
     ap.add_argument("--encoder", type=Path, default=None, help="guard.encoder (default: the config default)")
     ap.add_argument("--head", type=Path, default=None, help="guard.head (default: the config default)")
+    ap.add_argument("--concurrency", type=int, default=1, help="streams of each prompt run at once")
     a = ap.parse_args()
     out = asyncio.run(main_async(a.model, a.rounds, a.max_new_tokens, a.encoder_threads, a.first_window,
-                                 a.encoder, a.head))
+                                 a.encoder, a.head, a.concurrency))
     print(json.dumps(out, indent=2))
     return 0
 

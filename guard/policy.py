@@ -29,6 +29,10 @@ DEFAULT_RELEASE_WINDOW_TOKENS = 16
 # The first release window: the client's first text waits for this many judged tokens, not a whole window;
 # later windows double up to `release_window_tokens` (guard/stream.py).
 DEFAULT_FIRST_RELEASE_WINDOW_TOKENS = 4
+# Output checks judge the answer's last this-many characters (~128 tokens): eight release windows of overlap,
+# so content spanning a window boundary is still seen whole, and each check's cost stays flat as the answer
+# grows. 1024 characters cost ~2x the encoder time for +1 point of unsafe-answer recall (docs/GUARD.md).
+DEFAULT_OUTPUT_CONTEXT_CHARS = 512
 # A guard check that takes longer than this is treated as a backend error (then fail-open/closed).
 DEFAULT_TIMEOUT_SECONDS = 2.0
 ERROR_BACKEND = "error"
@@ -77,6 +81,7 @@ class Policy:
         release_window_tokens: generated tokens held back between output checks.
         first_release_window_tokens: tokens before the first output check (capped at release_window_tokens);
             later windows double up to release_window_tokens.
+        output_context_chars: an output check judges the answer's last this-many characters.
         timeout_seconds: longest a single check may take before it counts as a backend error.
     """
 
@@ -88,6 +93,7 @@ class Policy:
     fail_open: bool = False
     release_window_tokens: int = DEFAULT_RELEASE_WINDOW_TOKENS
     first_release_window_tokens: int = DEFAULT_FIRST_RELEASE_WINDOW_TOKENS
+    output_context_chars: int = DEFAULT_OUTPUT_CONTEXT_CHARS
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     _known: frozenset[str] = field(init=False, repr=False, compare=False)
     _active: tuple[Category, ...] = field(init=False, repr=False, compare=False)
@@ -112,6 +118,8 @@ class Policy:
             raise PolicyError(f"release_window_tokens must be >= 1, got {self.release_window_tokens}")
         if self.first_release_window_tokens < 1:
             raise PolicyError(f"first_release_window_tokens must be >= 1, got {self.first_release_window_tokens}")
+        if self.output_context_chars < 1:
+            raise PolicyError(f"output_context_chars must be >= 1, got {self.output_context_chars}")
         if not (self.timeout_seconds > 0 and math.isfinite(self.timeout_seconds)):
             raise PolicyError(f"timeout_seconds must be > 0, got {self.timeout_seconds}")
         excluded = set(self.excluded)

@@ -52,7 +52,8 @@ def policy_from_config(config: Config) -> Policy:
     return Policy(enabled=BUILTIN_CODES, excluded=tuple(g.excluded_categories), input_threshold=g.input_threshold,
                   output_threshold=g.output_threshold, fail_open=g.fail_open,
                   release_window_tokens=g.release_window_tokens,
-                  first_release_window_tokens=g.first_release_window_tokens, timeout_seconds=g.timeout_seconds)
+                  first_release_window_tokens=g.first_release_window_tokens,
+                  output_context_chars=g.output_context_chars, timeout_seconds=g.timeout_seconds)
 
 
 def chat_template(tokenizer_config: dict[str, object]) -> ChatTemplate | None:

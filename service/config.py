@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from guard.policy import (
     DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
+    DEFAULT_OUTPUT_CONTEXT_CHARS,
     DEFAULT_RELEASE_WINDOW_TOKENS,
     DEFAULT_THRESHOLD,
     DEFAULT_TIMEOUT_SECONDS,
@@ -194,6 +195,11 @@ class GuardConfig:
         default=DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
         metadata=_doc("The first release comes after this many judged tokens; later windows double up to "
                       "release_window_tokens.", low=1),
+    )
+    output_context_chars: int = field(
+        default=DEFAULT_OUTPUT_CONTEXT_CHARS,
+        metadata=_doc("Output checks judge the answer's last this-many characters (cost per check grows with it).",
+                      low=1),
     )
     excluded_categories: tuple[str, ...] = field(
         default=(), metadata=_doc("Category codes not blocked, e.g. S6,S8.")

@@ -27,11 +27,6 @@ from service.validation import guard_policy_error
 
 log = logging.getLogger(__name__)
 
-# Output checks look at the last ~250 tokens of the answer (the guard encoder's window is 256 tokens):
-# several release windows of overlap, so content spanning a window boundary is still seen whole.
-OUTPUT_JUDGE_CHARS = 1024
-
-
 class EventStream(Protocol):
     """What the engine returns for one request."""
 
@@ -169,7 +164,7 @@ class Pipeline:
                 async def judge_output(text: str) -> Verdict:
                     # Judge the recent tail, not the whole answer: earlier text was judged by earlier
                     # windows, and a bounded text keeps each check's cost flat as the answer grows.
-                    tail = text[-OUTPUT_JUDGE_CHARS:]
+                    tail = text[-policy.output_context_chars:]
                     return await self.judge((*conversation, Message("assistant", tail)), Role.AGENT,
                                             Stage.OUTPUT, policy)
                 guard = StreamGuard(judge_output, policy.release_window_tokens, text_of=_event_text,

@@ -132,6 +132,15 @@ async def test_first_release_comes_after_the_first_window_and_windows_double(ser
     assert len([c for c in rec.calls if c[0] is Stage.OUTPUT]) == 4
 
 
+async def test_output_checks_judge_only_the_answers_tail(served: Served, model_dir: Path) -> None:
+    async with guarded(served, model_dir, "--guard-output-context-chars", "40") as (target, rec):
+        chunks, final = await stream(target, chat("Write a short poem about rivers.", max_new_tokens=40))
+    answer = "".join(c for c, _ in chunks)
+    judged = [text for stage, text, _, _ in rec.calls if stage is Stage.OUTPUT]
+    assert final.output_verdict.safe and len(answer) > 80, answer
+    assert all(len(text) <= 40 for text in judged) and judged[-1] == answer[-40:]
+
+
 async def test_output_verdict_stops_the_stream(served: Served, model_dir: Path) -> None:
     guard = common_pb2.GuardOptions(output_threshold=0.0, release_window_tokens=2)
     async with guarded(served, model_dir) as (target, rec):

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from guard.policy import DEFAULT_FIRST_RELEASE_WINDOW_TOKENS, DEFAULT_RELEASE_WINDOW_TOKENS
+from guard.policy import (
+    DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
+    DEFAULT_OUTPUT_CONTEXT_CHARS,
+    DEFAULT_RELEASE_WINDOW_TOKENS,
+)
 from service.config import (
     Config,
     ConfigError,
@@ -45,6 +49,7 @@ def test_defaults_from_the_issue() -> None:
     assert config.guard.backend is GuardBackend.CLASSIFIER and config.guard.fail_open is False
     assert config.guard.release_window_tokens == DEFAULT_RELEASE_WINDOW_TOKENS  # guard.policy's default
     assert config.guard.first_release_window_tokens == DEFAULT_FIRST_RELEASE_WINDOW_TOKENS
+    assert config.guard.output_context_chars == DEFAULT_OUTPUT_CONTEXT_CHARS
     assert config.guard.input_threshold == config.guard.output_threshold == 0.5
     assert config.log.text is False and config.server.reflection is True
 

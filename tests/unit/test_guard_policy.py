@@ -42,6 +42,7 @@ def test_categories_in_prompt_order_without_excluded() -> None:
         {"output_threshold": float("nan")},
         {"release_window_tokens": 0},
         {"first_release_window_tokens": 0},
+        {"output_context_chars": 0},
         {"timeout_seconds": 0.0},
         {"enabled": ("S1",), "excluded": ("S1",)},
     ],
