@@ -5,7 +5,8 @@ The served model answers benign prompts (JSONL rows {"text", "label": "safe"}; b
 replayed through the output checks a stream would get: the text of its first k tokens (the judge's tail, as
 `service/pipeline.py` sends it) at every check of a schedule. A stream is blocked when any check's score reaches
 the output threshold, so the max score over its checks decides it for every threshold at once.
-Schedules: the default (first window 4, doubling to 16) and a flat 16-token window.
+Schedules: the default (first window 4, doubling to 16) and a flat 16-token window; `--context-chars`
+compares how much of the answer each check reads (`guard.output_context_chars`).
 
     python -m bench.guard_false_blocks --prompts 120
 """
@@ -79,17 +80,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     all_ids = await answers(args.model, prompts, args.max_new_tokens)
     tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     moderator = ClassifierModerator(MiniLMEncoder(args.encoder), load_head(args.head))
-    worst: dict[str, list[float]] = {name: [] for name in SCHEDULES}
+    worst: dict[str, list[float]] = {}
     for prompt, ids in zip(prompts, all_ids, strict=True):
-        scores: dict[int, float] = {}
-        for name, (first, window) in SCHEDULES.items():
-            for k in checkpoints(len(ids), first, window):
-                if k not in scores:
-                    tail = tokenizer.decode(ids[:k])[-DEFAULT_OUTPUT_CONTEXT_CHARS:]
-                    verdict = await moderator.moderate([Message("user", prompt), Message("assistant", tail)],
-                                                       Role.AGENT, Stage.OUTPUT)
-                    scores[k] = verdict.score
-            worst[name].append(max(scores[k] for k in checkpoints(len(ids), first, window)))
+        for chars in args.context_chars:
+            scores: dict[int, float] = {}
+            for name, (first, window) in SCHEDULES.items():
+                for k in checkpoints(len(ids), first, window):
+                    if k not in scores:
+                        tail = tokenizer.decode(ids[:k])[-chars:]
+                        verdict = await moderator.moderate([Message("user", prompt), Message("assistant", tail)],
+                                                           Role.AGENT, Stage.OUTPUT)
+                        scores[k] = verdict.score
+                key = f"{name}, last {chars} chars"
+                worst.setdefault(key, []).append(max(scores[k] for k in checkpoints(len(ids), first, window)))
     return {
         "prompts": len(prompts),
         "mean_answer_tokens": float(np.mean([len(i) for i in all_ids])),
@@ -108,6 +111,9 @@ def main() -> int:
     ap.add_argument("--source", default="alpaca", help="rows of this source (rows without one count as it)")
     ap.add_argument("--prompts", type=int, default=120)
     ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--context-chars", type=lambda v: [int(x) for x in v.split(",")],
+                    default=[DEFAULT_OUTPUT_CONTEXT_CHARS],
+                    help="guard.output_context_chars values to compare, e.g. 512,1024")
     print(json.dumps(asyncio.run(main_async(ap.parse_args())), indent=2))
     return 0
 
