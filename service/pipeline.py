@@ -27,6 +27,7 @@ from service.validation import guard_policy_error
 
 log = logging.getLogger(__name__)
 
+
 class EventStream(Protocol):
     """What the engine returns for one request."""
 
