@@ -12,7 +12,7 @@ import pytest
 from guard.backends.classifier import ClassifierModerator, load_head, load_metadata
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
-from tools import export_encoder
+from tools import encoder_reference, export_encoder
 from tools.gguf_model import sha256_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_matches_numpy_reference_forward(encoder: MiniLMEncoder) -> None:
     width = max(map(len, windows))
     ids = np.array([w + [0] * (width - len(w)) for w in windows], dtype=np.int64)
     mask = np.array([[1] * len(w) + [0] * (width - len(w)) for w in windows], dtype=np.int64)
-    want = export_encoder.numpy_forward(weights, config, ids, mask)
+    want = encoder_reference.numpy_forward(weights, config, ids, mask)
     got = encoder.encode_windows(windows)
     assert np.abs(got - want).max() < 1e-4
 
@@ -164,8 +164,8 @@ def test_guard_encoder_is_the_plain_encoder_plus_the_adapter_in_int8(encoder: Mi
     ids = np.array([w + [0] * (width - len(w)) for w in windows], dtype=np.int64)
     mask = np.array([[1] * len(w) + [0] * (width - len(w)) for w in windows], dtype=np.int64)
     got = guard_encoder.encode_windows(windows)
-    merged = (got * export_encoder.numpy_forward(weights, config, ids, mask)).sum(axis=1)
-    plain = (got * export_encoder.numpy_forward(base, config, ids, mask)).sum(axis=1)
+    merged = (got * encoder_reference.numpy_forward(weights, config, ids, mask)).sum(axis=1)
+    plain = (got * encoder_reference.numpy_forward(base, config, ids, mask)).sum(axis=1)
     # int8 weights move the vectors a little (tools/encoder_int8.MIN_COSINE); the adapter moves them further
     assert np.all(merged > 0.97), merged
     assert np.all(merged < 1.0 - 1e-6), "the served encoder is not int8"

@@ -17,7 +17,7 @@ import pytest
 from guard.backends.classifier import ClassifierModerator, Head, load_head, save_head, texts_to_judge
 from guard.features import FeatureBatch, max_per_owner
 from guard.moderator import Message, Role, Stage
-from tools import export_encoder
+from tools import encoder_reference, export_encoder
 from tools.guard_data import Example, _coconot_eval_label, _refine
 from tools.guard_eval import auroc, average_precision, binary_figures, category_table
 from tools.train_guard import CODES, TrainConfig, calibrated, choose_threshold, fit
@@ -260,7 +260,7 @@ def test_tiny_bert_graph_matches_numpy_reference(tmp_path: Path) -> None:
     mask = (np.arange(6)[None, :] < np.array([[4], [6]])).astype(np.int64)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})
-    want = export_encoder.numpy_forward(loaded, config, ids, mask)
+    want = encoder_reference.numpy_forward(loaded, config, ids, mask)
     assert np.abs(got - want).max() < 1e-5
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
     # padding must not change a row: row 0 alone, unpadded, gives the same vector
