@@ -27,23 +27,13 @@ from guard.backends.classifier import ClassifierModerator, load_head
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
 from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS
+from guard.stream import check_points
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from service.app import start
 from service.config import load_config
 
 SCHEDULES = {"first 4, doubling to 16": (4, 16), "flat 16": (16, 16)}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def checkpoints(n_tokens: int, first: int, window: int) -> list[int]:
-    """Token counts at which `guard.stream.StreamGuard` judges an answer of `n_tokens` (the last at finish)."""
-    out: list[int] = []
-    pos, size = 0, min(first, window)
-    while pos + size < n_tokens:
-        pos += size
-        out.append(pos)
-        size = min(2 * size, window)
-    return [*out, n_tokens]
 
 
 async def answers(model: Path, prompts: list[str], max_new: int) -> list[list[int]]:
@@ -85,14 +75,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         for chars in args.context_chars:
             scores: dict[int, float] = {}
             for name, (first, window) in SCHEDULES.items():
-                for k in checkpoints(len(ids), first, window):
-                    if k not in scores:
+                points = check_points(len(ids), window, first)
+                for k in points:
+                    if k not in scores:  # schedules share checks at the same token count
                         tail = tokenizer.decode(ids[:k])[-chars:]
                         verdict = await moderator.moderate([Message("user", prompt), Message("assistant", tail)],
                                                            Role.AGENT, Stage.OUTPUT)
                         scores[k] = verdict.score
-                key = f"{name}, last {chars} chars"
-                worst.setdefault(key, []).append(max(scores[k] for k in checkpoints(len(ids), first, window)))
+                worst.setdefault(f"{name}, last {chars} chars", []).append(max(scores[k] for k in points))
     return {
         "prompts": len(prompts),
         "mean_answer_tokens": float(np.mean([len(i) for i in all_ids])),

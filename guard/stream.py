@@ -33,6 +33,23 @@ T = TypeVar("T")
 Judge = Callable[[str], Awaitable[Verdict]]
 
 
+def next_window(size: int, window: int) -> int:
+    """The window after one of `size` pieces: doubled, at most `window` (the first windows grow to it)."""
+    return min(2 * size, window)
+
+
+def check_points(pieces: int, window: int, first_window: int | None = None) -> list[int]:
+    """Piece counts at which `StreamGuard` judges a stream of `pieces` pieces, the last at `finish`
+    (benchmarks replay streams through the same schedule)."""
+    points: list[int] = []
+    pos, size = 0, window if first_window is None else min(first_window, window)
+    while pos + size < pieces:
+        pos += size
+        points.append(pos)
+        size = next_window(size, window)
+    return [*points, pieces]
+
+
 @dataclass(slots=True)
 class StreamGuardStats:
     """Counters for metrics; times are seconds of the injected clock.
@@ -136,7 +153,7 @@ class StreamGuard(Generic[T]):
         self._pending.append((item, self._clock()))
         if len(self._pending) < self._next_window:
             return []
-        self._next_window = min(self._next_window * 2, self._window)
+        self._next_window = next_window(self._next_window, self._window)
         return await self._check()
 
     async def finish(self) -> tuple[list[T], Verdict]:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guard.moderator import Stage, Verdict
-from guard.stream import StreamGuard, text_stream_guard
+from guard.stream import StreamGuard, check_points, text_stream_guard
 
 SAFE = Verdict(True, (), 0.1, "fake", Stage.OUTPUT)
 UNSAFE = Verdict(False, ("S1",), 0.9, "fake", Stage.OUTPUT)
@@ -215,10 +215,8 @@ def test_never_releases_uncleared_text(pieces: list[str], script: list[bool], wi
 
 
 @pytest.mark.parametrize(("n", "first", "window"), [(0, 4, 16), (3, 4, 16), (4, 4, 16), (50, 4, 16), (50, 16, 16),
-                                                    (33, 2, 8), (20, 20, 6)])
-def test_the_false_block_bench_replays_the_stream_guards_checks(n: int, first: int, window: int) -> None:
-    from bench.guard_false_blocks import checkpoints
-
+                                                    (33, 2, 8), (20, 20, 6), (20, None, 6)])
+def test_check_points_replay_the_stream_guards_checks(n: int, first: int | None, window: int) -> None:
     async def run() -> list[int]:
         judge = FakeJudge()
         guard = text_stream_guard(judge, window=window, first_window=first)
@@ -227,4 +225,4 @@ def test_the_false_block_bench_replays_the_stream_guards_checks(n: int, first: i
         await guard.finish()
         return [len(text) for text in judge.seen]
 
-    assert checkpoints(n, first, window) == asyncio.run(run())
+    assert check_points(n, window, first) == asyncio.run(run())
