@@ -27,7 +27,7 @@ from guard.backends.classifier import ClassifierModerator, load_head
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
 from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS
-from guard.stream import check_points
+from guard.stream import check_points, judged_tail
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from service.app import start
 from service.config import load_config
@@ -73,16 +73,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     worst: dict[str, list[float]] = {}
     for prompt, ids in zip(prompts, all_ids, strict=True):
         for chars in args.context_chars:
-            scores: dict[int, float] = {}
+            scores: dict[str, float] = {}
             for name, (first, window) in SCHEDULES.items():
                 points = check_points(len(ids), window, first)
+                cleared, stream_scores = 0, []
                 for k in points:
-                    if k not in scores:  # schedules share checks at the same token count
-                        tail = tokenizer.decode(ids[:k])[-chars:]
+                    text = tokenizer.decode(ids[:k])
+                    tail = judged_tail(text, cleared, chars)  # what StreamGuard would pass its judge
+                    if tail not in scores:  # schedules share checks of the same text
                         verdict = await moderator.moderate([Message("user", prompt), Message("assistant", tail)],
                                                            Role.AGENT, Stage.OUTPUT)
-                        scores[k] = verdict.score
-                worst.setdefault(f"{name}, last {chars} chars", []).append(max(scores[k] for k in points))
+                        scores[tail] = verdict.score
+                    stream_scores.append(scores[tail])
+                    cleared = len(text)
+                worst.setdefault(f"{name}, last {chars} chars", []).append(max(stream_scores))
     return {
         "prompts": len(prompts),
         "mean_answer_tokens": float(np.mean([len(i) for i in all_ids])),

@@ -81,7 +81,8 @@ class Policy:
         release_window_tokens: generated tokens held back between output checks.
         first_release_window_tokens: tokens before the first output check (capped at release_window_tokens);
             later windows double up to release_window_tokens.
-        output_context_chars: an output check judges the answer's last this-many characters.
+        output_context_chars: an output check judges the answer's last this-many characters, reaching
+            further back over any text no safe verdict covered yet (`guard.stream.judged_tail`).
         timeout_seconds: longest a single check may take before it counts as a backend error.
     """
 

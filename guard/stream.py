@@ -1,7 +1,8 @@
 """The output-side release window: streamed text reaches the client only after a safe verdict covers it.
 
-`StreamGuard` holds generated pieces back and asks an injected judge about (all generated text so far)
-every `window` pieces and once more at the end. The first windows can be shorter (`first_window`, then
+`StreamGuard` holds generated pieces back and asks an injected judge about the generated text so far (or
+its recent tail, `context_chars`, always reaching back over every uncleared character) every `window`
+pieces and once more at the end. The first windows can be shorter (`first_window`, then
 doubling up to `window`): the client's first text then waits for a few judged tokens instead of a whole
 window, while the bound on withheld text (below) stays `window`. A safe verdict releases everything it
 covered; an unsafe one closes the guard for good: nothing more is released, whatever is fed after.
@@ -27,15 +28,26 @@ from guard.moderator import Verdict
 
 T = TypeVar("T")
 
-# Judges the whole generated text so far; the closure owns the conversation and the stage. It should not
-# raise (wrap the moderator in `guard.policy.FailSafeModerator`): if it does, the exception propagates
-# and the guard is closed, so nothing more is released.
+# Judges the generated text so far (or its tail, see `judged_tail`); the closure owns the conversation and
+# the stage. It should not raise (wrap the moderator in `guard.policy.FailSafeModerator`): if it does, the
+# exception propagates and the guard is closed, so nothing more is released.
 Judge = Callable[[str], Awaitable[Verdict]]
 
 
 def next_window(size: int, window: int) -> int:
     """The window after one of `size` pieces: doubled, at most `window` (the first windows grow to it)."""
     return min(2 * size, window)
+
+
+def judged_tail(text: str, cleared: int, context_chars: int | None) -> str:
+    """What an output check reads: the last `context_chars` characters of `text`, reaching further back
+    when needed to cover everything after the first `cleared` characters (the text the last safe verdict
+    covered). So no character is ever released unjudged, however long a window's tokens are or however
+    small the context; `None` reads the whole text.
+    """
+    if context_chars is None:
+        return text
+    return text[min(max(0, len(text) - context_chars), cleared):]
 
 
 def check_points(pieces: int, window: int, first_window: int | None = None) -> list[int]:
@@ -87,6 +99,8 @@ class StreamGuard(Generic[T]):
         clock: monotonic seconds; injected so tests need no sleeping.
         first_window: pieces before the first check (>= 1, default `window`, capped at `window`); each
             later window doubles until it reaches `window`.
+        context_chars: the judge gets the text's last this-many characters, extended back over any text
+            no safe verdict covered yet (`judged_tail`); default: the whole text.
     """
 
     def __init__(
@@ -96,12 +110,16 @@ class StreamGuard(Generic[T]):
         text_of: Callable[[T], str],
         clock: Callable[[], float] = time.perf_counter,
         first_window: int | None = None,
+        context_chars: int | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if first_window is not None and first_window < 1:
             raise ValueError(f"first_window must be >= 1, got {first_window}")
+        if context_chars is not None and context_chars < 1:
+            raise ValueError(f"context_chars must be >= 1, got {context_chars}")
         self._judge = judge
+        self._context_chars = context_chars
         self._window = window
         self._next_window = window if first_window is None else min(first_window, window)
         self._text_of = text_of
@@ -181,7 +199,8 @@ class StreamGuard(Generic[T]):
             # Only empty pieces since the last safe verdict (e.g. a detokenizer holding partial UTF-8):
             # the text is already covered, a new call would judge the very same string.
             return self._release()
-        verdict = await self._timed_judge(text)
+        cleared = len(self._cleared_text) if self._cleared_text is not None else 0
+        verdict = await self._timed_judge(judged_tail(text, cleared, self._context_chars))
         self._verdict = verdict
         if not verdict.safe:
             self._close()
@@ -222,7 +241,8 @@ class StreamGuard(Generic[T]):
 
 
 def text_stream_guard(
-    judge: Judge, window: int, clock: Callable[[], float] = time.perf_counter, first_window: int | None = None
+    judge: Judge, window: int, clock: Callable[[], float] = time.perf_counter, first_window: int | None = None,
+    context_chars: int | None = None,
 ) -> StreamGuard[str]:
     """A `StreamGuard` over plain text pieces.
 
@@ -231,8 +251,10 @@ def text_stream_guard(
         window: pieces between checks.
         clock: monotonic seconds.
         first_window: pieces before the first check (see `StreamGuard`).
+        context_chars: characters each check reads (see `judged_tail`).
 
     Returns:
         The guard.
     """
-    return StreamGuard(judge, window, text_of=str, clock=clock, first_window=first_window)
+    return StreamGuard(judge, window, text_of=str, clock=clock, first_window=first_window,
+                       context_chars=context_chars)

@@ -198,8 +198,8 @@ class GuardConfig:
     )
     output_context_chars: int = field(
         default=DEFAULT_OUTPUT_CONTEXT_CHARS,
-        metadata=_doc("Output checks judge the answer's last this-many characters (cost per check grows with it).",
-                      low=1),
+        metadata=_doc("Output checks judge the answer's last this-many characters, and more when a window's new "
+                      "text is longer (cost per check grows with it).", low=1),
     )
     excluded_categories: tuple[str, ...] = field(
         default=(), metadata=_doc("Category codes not blocked, e.g. S6,S8.")

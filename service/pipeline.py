@@ -162,14 +162,14 @@ class Pipeline:
         try:
             guard = None
             if self.moderator is not None:
-                async def judge_output(text: str) -> Verdict:
-                    # Judge the recent tail, not the whole answer: earlier text was judged by earlier
-                    # windows, and a bounded text keeps each check's cost flat as the answer grows.
-                    tail = text[-policy.output_context_chars:]
+                async def judge_output(tail: str) -> Verdict:
+                    # The guard passes the recent tail, not the whole answer (`judged_tail`): earlier text was
+                    # judged by earlier windows, and a bounded text keeps each check's cost flat as it grows.
                     return await self.judge((*conversation, Message("assistant", tail)), Role.AGENT,
                                             Stage.OUTPUT, policy)
                 guard = StreamGuard(judge_output, policy.release_window_tokens, text_of=_event_text,
-                                    first_window=policy.first_release_window_tokens)
+                                    first_window=policy.first_release_window_tokens,
+                                    context_chars=policy.output_context_chars)
             async for ev in stream:
                 released = [ev] if guard is None else await guard.feed(ev)
                 if guard is not None and guard.blocked:

@@ -138,7 +138,16 @@ async def test_output_checks_judge_only_the_answers_tail(served: Served, model_d
     answer = "".join(c for c, _ in chunks)
     judged = [text for stage, text, _, _ in rec.calls if stage is Stage.OUTPUT]
     assert final.output_verdict.safe and len(answer) > 80, answer
-    assert all(len(text) <= 40 for text in judged) and judged[-1] == answer[-40:]
+    # Each check reads the last 40 characters, or more when its window's new text is longer: the judged
+    # spans tile the answer with no gap, so no released character went unjudged (guard.stream.judged_tail).
+    end = 0
+    for text in judged:
+        start = answer.find(text, max(0, end - len(text) + 1))
+        assert 0 <= start <= end, (text, answer)
+        new_end = start + len(text)
+        assert new_end > end and len(text) <= max(40, new_end - end)
+        end = new_end
+    assert end == len(answer) and all(len(text) < len(answer) for text in judged)
 
 
 async def test_output_verdict_stops_the_stream(served: Served, model_dir: Path) -> None:

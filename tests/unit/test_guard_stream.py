@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guard.moderator import Stage, Verdict
-from guard.stream import StreamGuard, check_points, text_stream_guard
+from guard.stream import StreamGuard, check_points, judged_tail, text_stream_guard
 
 SAFE = Verdict(True, (), 0.1, "fake", Stage.OUTPUT)
 UNSAFE = Verdict(False, ("S1",), 0.9, "fake", Stage.OUTPUT)
@@ -158,23 +158,37 @@ async def test_misuse_raises() -> None:
         await guard.finish()
 
 
-async def _run(pieces: list[str], script: list[bool], window: int, first_window: int | None = None) -> None:
+async def _run(pieces: list[str], script: list[bool], window: int, first_window: int | None = None,
+               context_chars: int | None = None) -> None:
     judge = FakeJudge(script=list(script))
-    guard = text_stream_guard(judge, window=window, first_window=first_window)
+    guard = text_stream_guard(judge, window=window, first_window=first_window, context_chars=context_chars)
     released: list[str] = []
+    covered: list[str] = []  # per judge call, the whole text generated when it was asked
     cleared = ""  # text covered by the latest safe verdict
     released_at_block: int | None = None
     fed = ""
 
+    def after_call(calls_before: int) -> None:
+        if len(judge.seen) == calls_before:
+            return
+        assert len(judge.seen) == calls_before + 1
+        asked = judge.seen[-1]
+        previous = len(covered[-1]) if covered else 0  # the judge's earlier calls were all safe
+        assert fed.endswith(asked)
+        # each call reads every character no safe verdict covered yet, and the context it was given
+        assert len(asked) >= len(fed) - previous
+        assert len(asked) >= min(len(fed), len(fed) if context_chars is None else context_chars)
+        covered.append(fed)
+
     def observe() -> None:
         nonlocal cleared, released_at_block
-        for i, asked in enumerate(judge.seen):
+        for i, whole in enumerate(covered):
             safe = script[i] if i < len(script) else True
             if not safe:
                 if released_at_block is None:
                     released_at_block = len(released)
                 break
-            cleared = asked
+            cleared = whole
         text = "".join(released)
         # The invariant: released text is always a prefix of what a safe verdict covered.
         assert cleared.startswith(text)
@@ -185,13 +199,14 @@ async def _run(pieces: list[str], script: list[bool], window: int, first_window:
         calls_before = len(judge.seen)
         fed += piece
         released += await guard.feed(piece)
-        if len(judge.seen) > calls_before:
-            assert judge.seen[-1] == fed  # each call covers everything generated so far
+        after_call(calls_before)
         observe()
         # what the client waits for is bounded by the window, whatever the first window
         stats = guard.stats
         assert stats.tokens_fed - stats.tokens_released - stats.tokens_withheld < window
+    calls_before = len(judge.seen)
     tail, verdict = await guard.finish()
+    after_call(calls_before)
     released += tail
     observe()
     if released_at_block is None:
@@ -204,14 +219,27 @@ async def _run(pieces: list[str], script: list[bool], window: int, first_window:
 
 @settings(max_examples=400, deadline=None)
 @given(
-    pieces=st.lists(st.sampled_from(["", "a", "bc", " ", "é", "\n"]), max_size=30),
+    pieces=st.lists(st.sampled_from(["", "a", "bc", " ", "é", "\n", "long piece of text"]), max_size=30),
     script=st.lists(st.booleans(), max_size=12),
     window=st.integers(min_value=1, max_value=6),
     first_window=st.none() | st.integers(min_value=1, max_value=8),
+    context_chars=st.none() | st.integers(min_value=1, max_value=40),
 )
 def test_never_releases_uncleared_text(pieces: list[str], script: list[bool], window: int,
-                                       first_window: int | None) -> None:
-    asyncio.run(_run(pieces, script, window, first_window))
+                                       first_window: int | None, context_chars: int | None) -> None:
+    # a context shorter than a window's text must still cover all of it (long pieces, tiny contexts)
+    asyncio.run(_run(pieces, script, window, first_window, context_chars))
+
+
+@pytest.mark.parametrize(("text", "cleared", "context", "want"), [
+    ("abcdef", 0, None, "abcdef"), ("abcdef", 4, None, "abcdef"),  # no context: the whole text
+    ("abcdef", 4, 3, "def"),  # the context covers the uncleared "ef" and one cleared character
+    ("abcdef", 2, 3, "cdef"),  # 4 uncleared characters: the tail reaches back past the context
+    ("abcdef", 0, 100, "abcdef"), ("", 0, 5, ""),
+])
+def test_judged_tail_reaches_back_over_uncleared_text(text: str, cleared: int, context: int | None,
+                                                      want: str) -> None:
+    assert judged_tail(text, cleared, context) == want
 
 
 @pytest.mark.parametrize(("n", "first", "window"), [(0, 4, 16), (3, 4, 16), (4, 4, 16), (50, 4, 16), (50, 16, 16),
