@@ -132,6 +132,11 @@ class Policy:
         object.__setattr__(self, "_active", tuple(active))
 
     @property
+    def first_window_tokens(self) -> int:
+        """Tokens before the first output check as served: `first_release_window_tokens`, at most the window."""
+        return min(self.first_release_window_tokens, self.release_window_tokens)
+
+    @property
     def categories(self) -> tuple[Category, ...]:
         """The categories checked, in prompt order: enabled built-ins by code, then custom ones."""
         return self._active

@@ -81,7 +81,7 @@ def build_app(config: Config, engine: Engine, stats: StatsSink | None = None,
         backend=config.guard.backend.value, enabled_categories=sort_codes(policy.active_codes),
         categories=sort_codes(policy.known_codes), input_threshold=policy.input_threshold,
         output_threshold=policy.output_threshold, release_window_tokens=policy.release_window_tokens,
-        first_release_window_tokens=min(policy.first_release_window_tokens, policy.release_window_tokens),
+        first_release_window_tokens=policy.first_window_tokens,
         fail_open=policy.fail_open)
     info = ServingInfo(model_name=engine.spec.path.name, precision=engine.spec.precision,
                        context_length=engine.max_context, vocab_size=engine.tokenizer.vocab_size,

@@ -168,7 +168,7 @@ class Pipeline:
                     return await self.judge((*conversation, Message("assistant", tail)), Role.AGENT,
                                             Stage.OUTPUT, policy)
                 guard = StreamGuard(judge_output, policy.release_window_tokens, text_of=_event_text,
-                                    first_window=policy.first_release_window_tokens,
+                                    first_window=policy.first_window_tokens,
                                     context_chars=policy.output_context_chars)
             async for ev in stream:
                 released = [ev] if guard is None else await guard.feed(ev)

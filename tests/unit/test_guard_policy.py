@@ -25,6 +25,11 @@ def test_defaults() -> None:
     assert policy.input_threshold == policy.output_threshold == 0.5
 
 
+def test_first_window_is_capped_at_the_window() -> None:
+    assert Policy(release_window_tokens=16, first_release_window_tokens=4).first_window_tokens == 4
+    assert Policy(release_window_tokens=8, first_release_window_tokens=32).first_window_tokens == 8
+
+
 def test_categories_in_prompt_order_without_excluded() -> None:
     codes = [c.code for c in BASE.categories]
     assert codes == [*(c for c in BUILTIN_CODES if c != "S6"), "S15"]
