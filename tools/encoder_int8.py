@@ -95,7 +95,10 @@ def check(fp32: onnx.ModelProto, int8_path: Path, tokenizer_path: Path) -> float
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     tokenizer.no_padding()
-    sessions = [ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    from guard.encoder import DISABLED_OPTIMIZERS
+
+    sessions = [ort.InferenceSession(model, providers=["CPUExecutionProvider"],
+                                     disabled_optimizers=list(DISABLED_OPTIMIZERS))
                 for model in (fp32.SerializeToString(), str(int8_path))]
     cosines = []
     for enc in tokenizer.encode_batch(list(PROBE_TEXTS)):

@@ -256,14 +256,16 @@ def apply_adapter(weights: Mapping[str, np.ndarray], adapter: Mapping[str, np.nd
 
 def feature_name(adapter_sha256: str | None, int8: bool = False) -> str:
     """The feature-space id a head records: the plain encoder's (`guard.encoder.FEATURE_NAME`), or that
-    encoder with one adapter file and/or int8 weights (each a different feature space)."""
+    encoder with one adapter file and/or int8 weights of this export version (each a different space)."""
     from guard.encoder import FEATURE_NAME
 
     model, pooling = FEATURE_NAME.split("/")
     if adapter_sha256 is not None:
         model += f"+lora-{adapter_sha256[:12]}"
     if int8:
-        model += "+int8"
+        # int8 vectors depend on the exact kernels (activation quantization amplifies rounding: another fusion
+        # moved 1% of dev windows below cosine 0.996), so a graph change is a new feature space
+        model += f"+int8v{EXPORT_VERSION}"
     return f"{model}/{pooling}"
 
 

@@ -50,6 +50,7 @@ def test_a_graph_without_linear_layers_is_refused() -> None:
 
 def test_int8_weights_are_their_own_feature_space() -> None:
     sha = "cd" * 32
-    assert export_encoder.feature_name(None, int8=True) == "minilm-l6-v2+int8/mean-l2"
-    assert export_encoder.feature_name(sha, int8=True) == "minilm-l6-v2+lora-cdcdcdcdcdcd+int8/mean-l2"
+    version = export_encoder.EXPORT_VERSION
+    assert export_encoder.feature_name(None, int8=True) == f"minilm-l6-v2+int8v{version}/mean-l2"
+    assert export_encoder.feature_name(sha, int8=True) == f"minilm-l6-v2+lora-cdcdcdcdcdcd+int8v{version}/mean-l2"
     assert export_encoder.feature_name(sha) != export_encoder.feature_name(sha, int8=True)
