@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from guard.moderator import Moderator
@@ -38,7 +39,7 @@ class App:
     generation: GenerationServicer
     moderation: ModerationServicer
     life: Lifecycle
-    guard_engines: list[Engine]  # a llama_guard backend's own engine(s), stopped with the main one
+    guard_stops: list[Callable[[], None]]  # the guard's own engines and encoder worker, stopped with the server
 
 
 def engine_config(config: Config) -> EngineConfig:
@@ -64,10 +65,10 @@ def build_app(config: Config, engine: Engine, stats: StatsSink | None = None,
               moderator: Moderator | None = None) -> App:
     """Wires a loaded engine into servicers. `moderator` overrides the configured backend (tests)."""
     policy = policy_from_config(config)
-    guard_engines: list[Engine] = []
+    guard_stops: list[Callable[[], None]] = []
     if moderator is None and config.guard.backend is not GuardBackend.NONE:
         built = build_guard(config, policy)
-        moderator, guard_engines = built.moderator, built.engines
+        moderator, guard_stops = built.moderator, built.stops
     if moderator is not None:
         moderator = FailSafeModerator(moderator, policy)
     model_dir = engine.spec.path
@@ -88,7 +89,7 @@ def build_app(config: Config, engine: Engine, stats: StatsSink | None = None,
                        has_chat_template=template is not None, guard=guard_info, server_version=__version__)
     life = Lifecycle()
     return App(config, engine, pipeline, GenerationServicer(pipeline, limits, info, life),
-               ModerationServicer(pipeline, limits, life), life, guard_engines)
+               ModerationServicer(pipeline, limits, life), life, guard_stops)
 
 
 async def start(config: Config, stats: StatsSink | None = None,
@@ -111,7 +112,7 @@ async def start(config: Config, stats: StatsSink | None = None,
     await loop.run_in_executor(None, engine.warmup)
     server.on_drain.append(engine.stop_accepting)
     server.on_stop.append(engine.stop)
-    server.on_stop.extend(e.stop for e in app.guard_engines)
+    server.on_stop.extend(app.guard_stops)
     await server.set_serving(True)
     log.info("serving %s (%s) on port %d", engine.spec.name, engine.spec.precision, server.port)
     return app, server

@@ -49,7 +49,8 @@ class RecordingModerator:
 @contextlib.asynccontextmanager
 async def guarded(served: Served, model_dir: Path, *args: str) -> AsyncIterator[tuple[str, RecordingModerator]]:
     config = server_config(model_dir, "--guard-backend", "classifier", *args)
-    recorder = RecordingModerator(build_classifier(config))
+    classifier, worker = build_classifier(config)
+    recorder = RecordingModerator(classifier)
     app = build_app(config, served.engine, moderator=recorder)
     server = await start_server(config, app.generation, app.moderation, app.life, None)
     await server.set_serving(True)
@@ -57,6 +58,7 @@ async def guarded(served: Served, model_dir: Path, *args: str) -> AsyncIterator[
         yield f"127.0.0.1:{server.port}", recorder
     finally:
         await server.server.stop(0)
+        worker.shutdown()
 
 
 def chat(text: str, **kw: object) -> generation_pb2.GenerateRequest:

@@ -190,7 +190,9 @@ def test_encoder_threads_setting_reaches_the_encoder_session() -> None:
 
     config = load_config([f"--guard-encoder={GUARD_ENCODER_DIR}", f"--guard-head={HEAD_PATH}"],
                          {"SLUICE_GUARD_ENCODER_THREADS": "2"})
-    moderator = build_classifier(config)
+    moderator, worker = build_classifier(config)
+    worker.shutdown()
     assert isinstance(moderator, ClassifierModerator)
+    assert moderator._executor is worker  # type: ignore[attr-defined]  # one dedicated encoder thread
     session = moderator._extractor._session  # type: ignore[attr-defined]
     assert session.get_session_options().intra_op_num_threads == 2
