@@ -72,13 +72,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     moderator = ClassifierModerator(MiniLMEncoder(args.encoder), load_head(args.head))
     worst: dict[str, list[float]] = {}
     for prompt, ids in zip(prompts, all_ids, strict=True):
+        # every schedule and context replays prefixes of the same answer: decode each prefix once
+        prefixes = {k: tokenizer.decode(ids[:k]) for first, window in SCHEDULES.values()
+                    for k in check_points(len(ids), window, first)}
         for chars in args.context_chars:
             scores: dict[str, float] = {}
             for name, (first, window) in SCHEDULES.items():
                 points = check_points(len(ids), window, first)
                 cleared, stream_scores = 0, []
                 for k in points:
-                    text = tokenizer.decode(ids[:k])
+                    text = prefixes[k]
                     tail = judged_tail(text, cleared, chars)  # what StreamGuard would pass its judge
                     if tail not in scores:  # schedules share checks of the same text
                         verdict = await moderator.moderate([Message("user", prompt), Message("assistant", tail)],

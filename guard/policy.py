@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from guard.moderator import Message, Moderator, Role, Stage, Verdict
 from guard.prompt import judged_turns
+from guard.stream import first_window_size
 from guard.taxonomy import BUILTIN_CODES, CATEGORIES, Category, code_sort_key, is_builtin, sort_codes
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class Policy:
     @property
     def first_window_tokens(self) -> int:
         """Tokens before the first output check as served: `first_release_window_tokens`, at most the window."""
-        return min(self.first_release_window_tokens, self.release_window_tokens)
+        return first_window_size(self.release_window_tokens, self.first_release_window_tokens)
 
     @property
     def categories(self) -> tuple[Category, ...]:

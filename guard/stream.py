@@ -34,6 +34,11 @@ T = TypeVar("T")
 Judge = Callable[[str], Awaitable[Verdict]]
 
 
+def first_window_size(window: int, first_window: int | None) -> int:
+    """Pieces before the first check: `first_window` capped at `window` (no first window: `window`)."""
+    return window if first_window is None else min(first_window, window)
+
+
 def next_window(size: int, window: int) -> int:
     """The window after one of `size` pieces: doubled, at most `window` (the first windows grow to it)."""
     return min(2 * size, window)
@@ -54,7 +59,7 @@ def check_points(pieces: int, window: int, first_window: int | None = None) -> l
     """Piece counts at which `StreamGuard` judges a stream of `pieces` pieces, the last at `finish`
     (benchmarks replay streams through the same schedule)."""
     points: list[int] = []
-    pos, size = 0, window if first_window is None else min(first_window, window)
+    pos, size = 0, first_window_size(window, first_window)
     while pos + size < pieces:
         pos += size
         points.append(pos)
@@ -121,7 +126,7 @@ class StreamGuard(Generic[T]):
         self._judge = judge
         self._context_chars = context_chars
         self._window = window
-        self._next_window = window if first_window is None else min(first_window, window)
+        self._next_window = first_window_size(window, first_window)
         self._text_of = text_of
         self._clock = clock
         self._parts: list[str] = []

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from guard.backends.classifier import load_head
     from guard.encoder import MiniLMEncoder
     from tools.guard_data import add_data_arguments, load_all
-    from tools.guard_report import dev_split_scores
+    from tools.guard_report import dev_calibration_set, dev_split_scores
     from tools.train_guard import TrainConfig, featurize, score
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     vecs = featurize(examples, extractor)
     shipped = load_head(args.head.with_suffix(".npz"))
     measure = [i for i, ex in enumerate(examples) if not ex.shippable]
-    dv, dev_scores = dev_split_scores(examples, vecs, cfg, extractor.name)
-    keep = [k for k, i in enumerate(dv) if examples[i].shippable]
+    dev, dev_scores = dev_calibration_set(examples, dev_split_scores(examples, vecs, cfg, extractor.name))
     sys.stdout.write(table([examples[i] for i in measure], score(shipped, [vecs[i] for i in measure])[:, 0],
-                           [examples[dv[k]] for k in keep], dev_scores[keep, 0], chosen) + "\n")
+                           dev, dev_scores[:, 0], chosen) + "\n")
     return 0
 
 
