@@ -24,9 +24,14 @@ import numpy as np
 
 from guard.features import FeatureBatch, FeatureExtractor, FloatArray, max_per_owner
 from guard.moderator import Message, Role, Stage, Verdict
+from guard.worker import DEFAULT_PRIORITY, URGENT, PriorityWorker
 
 BACKEND_NAME = "classifier"
 _ROLE_OF = {Role.USER: "user", Role.AGENT: "assistant"}
+# On a `PriorityWorker`, an input verdict (a request waits for it before its first token) overtakes queued
+# output checks (each holds only a window's release while the engine keeps generating). Moderate calls queue
+# with output checks: they are not bounded by the engine's admission, so they must not starve running streams.
+STAGE_PRIORITY = {Stage.INPUT: URGENT, Stage.OUTPUT: DEFAULT_PRIORITY, Stage.MODERATE: DEFAULT_PRIORITY}
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,8 @@ class ClassifierModerator:
     Args:
         extractor: featuriser whose `name` must equal the head's `feature_name`.
         head: the trained head.
-        executor: where the blocking extractor runs (None = the loop's default thread pool).
+        executor: where the blocking extractor runs (None = the loop's default thread pool); on a
+            `PriorityWorker`, input verdicts go first (`STAGE_PRIORITY`).
         input_threshold: overall threshold for User turns (defaults to the head's, 0.5 for a calibrated
             head; pass the policy's `input_threshold` to follow a deployment's policy).
         output_threshold: overall threshold for Agent turns (defaults to the head's).
@@ -240,8 +246,11 @@ class ClassifierModerator:
         """
         started = time.perf_counter()
         texts = texts_to_judge(conversation, role, stage)
-        loop = asyncio.get_running_loop()
-        scores = await loop.run_in_executor(self._executor, self.score_texts, texts)
+        if isinstance(self._executor, PriorityWorker):
+            job = self._executor.submit_at(STAGE_PRIORITY[stage], self.score_texts, texts)
+            scores = await asyncio.wrap_future(job)
+        else:
+            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self.score_texts, texts)
         return self.verdict(scores, role, stage, time.perf_counter() - started)
 
 
