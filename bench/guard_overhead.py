@@ -2,8 +2,10 @@
 
 Runs the same chat requests against one in-process server twice per round, with the guard off
 (`--guard-backend none`) and on (the embedded classifier, default window), alternating to spread machine
-noise, and reports medians of client-side TTFT, per-token latency and aggregate tokens/s per configuration and their
-ratios. `--concurrency N` runs N streams of each prompt at once (the engine batches them).
+noise, and reports medians of client-side TTFT, per-token latency (per chunk, and TPOT per request) and
+aggregate tokens/s per configuration and their ratios. `--concurrency N` runs N streams of each prompt at once
+(the engine batches them); `--stagger S` starts the i-th of them S*i seconds late, so requests arrive while
+others stream and their input verdicts meet other streams' output checks (as in real traffic).
 
     python -m bench.guard_overhead --rounds 5
 """
@@ -15,6 +17,7 @@ import asyncio
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc.aio
@@ -33,29 +36,50 @@ PROMPTS = (
 )
 
 
-async def _one(stub: generation_pb2_grpc.GenerationServiceStub, text: str,
-               max_new: int) -> tuple[float, list[float], int]:
+@dataclass(frozen=True)
+class _Stream:
+    """One request as the client saw it: seconds from sending to each chunk, and tokens so far after it."""
+
+    times: list[float]
+    tokens: list[int]
+
+    @property
+    def ttft(self) -> float:
+        return self.times[0]
+
+    def itl(self) -> list[float]:
+        """Per chunk after the first: its gap divided by its tokens."""
+        return [(t1 - t0) / max(1, n1 - n0)
+                for t0, t1, n0, n1 in zip(self.times, self.times[1:], self.tokens, self.tokens[1:], strict=False)]
+
+    def tpot(self, after: int) -> float | None:
+        """Seconds per token from the first chunk holding `after` tokens to the last chunk (vLLM's TPOT over
+        the same token span in both configurations: a guarded stream's first release holds `after` tokens, so
+        unguarded streams are measured from their `after`-th token, not from their first)."""
+        for t, n in zip(self.times, self.tokens, strict=True):
+            if n >= after:
+                later = self.tokens[-1] - n
+                return (self.times[-1] - t) / later if later > 0 else None
+        return None
+
+
+async def _one(stub: generation_pb2_grpc.GenerationServiceStub, text: str, max_new: int,
+               delay: float = 0.0) -> _Stream:
+    await asyncio.sleep(delay)
     msgs = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content=text)])
     start_t = time.perf_counter()
-    first: float | None = None
-    last = start_t
-    gaps: list[float] = []
-    tokens = 0
+    times: list[float] = []
+    tokens: list[int] = []
     async for resp in stub.Generate(generation_pb2.GenerateRequest(messages=msgs, max_new_tokens=max_new)):
         if resp.HasField("chunk"):
-            tokens += len(resp.chunk.token_ids)
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            else:
-                gaps.append((now - last) / max(1, len(resp.chunk.token_ids)))  # per token
-            last = now
-    return (first or last) - start_t, gaps, tokens
+            times.append(time.perf_counter() - start_t)
+            tokens.append((tokens[-1] if tokens else 0) + len(resp.chunk.token_ids))
+    return _Stream(times, tokens)
 
 
 async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: int = 1,
                      first_window: int | None = None, encoder: Path | None = None,
-                     head: Path | None = None, concurrency: int = 1) -> dict[str, object]:
+                     head: Path | None = None, concurrency: int = 1, stagger: float = 0.0) -> dict[str, object]:
     base_args = ["--port", "0", "--no-metrics-enabled", "--model", str(model)]
     app, srv = await start(load_config([*base_args, "--guard-backend", "none"], env={}))
     guard_args = [] if first_window is None else ["--guard-first-release-window-tokens", str(first_window)]
@@ -67,23 +91,27 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
     gapp = build_app(guarded_cfg, app.engine, stats=verdicts)
     gsrv = await start_server(guarded_cfg, gapp.generation, gapp.moderation, gapp.life, None)
     await gsrv.set_serving(True)
+    first_release = guarded_cfg.guard.first_release_window_tokens
     results: dict[str, dict[str, list[float]]] = {
-        "none": {"ttft": [], "itl": [], "tok_s": []},
-        "classifier": {"ttft": [], "itl": [], "tok_s": []},
+        "none": {"ttft": [], "itl": [], "tpot": [], "tok_s": []},
+        "classifier": {"ttft": [], "itl": [], "tpot": [], "tok_s": []},
     }
     try:
         for _ in range(rounds):
             for name, port in (("none", srv.port), ("classifier", gsrv.port)):
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                     stub = generation_pb2_grpc.GenerationServiceStub(ch)
-                    for p in PROMPTS:  # `concurrency` streams of the same prompt at once
+                    for p in PROMPTS:  # `concurrency` streams of the same prompt at once (or staggered)
                         started = time.perf_counter()
-                        runs = await asyncio.gather(*(_one(stub, p, max_new) for _ in range(concurrency)))
+                        runs = await asyncio.gather(*(_one(stub, p, max_new, stagger * i) for i in range(concurrency)))
                         wall = time.perf_counter() - started
-                        for ttft, gaps, _ in runs:
-                            results[name]["ttft"].append(ttft)
-                            results[name]["itl"].extend(gaps)
-                        results[name]["tok_s"].append(sum(n for _, _, n in runs) / wall)
+                        for run in (r for r in runs if r.times):
+                            results[name]["ttft"].append(run.ttft)
+                            results[name]["itl"].extend(run.itl())
+                            tpot = run.tpot(first_release)
+                            if tpot is not None:
+                                results[name]["tpot"].append(tpot)
+                        results[name]["tok_s"].append(sum(r.tokens[-1] for r in runs if r.tokens) / wall)
     finally:
         await gsrv.server.stop(0)
         await srv.drain()
@@ -105,9 +133,13 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
         "release_windows": {"first": guarded_cfg.guard.first_release_window_tokens,
                             "window": guarded_cfg.guard.release_window_tokens},
         "concurrency": concurrency,
+        "stagger_seconds": stagger,
         "requests_per_config": rounds * len(PROMPTS) * concurrency,
         "max_new_tokens": max_new,
-        "medians": med,  # ttft and itl in seconds (itl per token), tok_s aggregate tokens per second
+        # Seconds, and aggregate tokens/s. itl: each chunk's gap over its tokens, one value per chunk (a guarded
+        # stream's bursts make its short chunks count as much as its full windows); tpot: per request, seconds
+        # per token after the first release window's worth of tokens, the rate a client receives text at.
+        "medians": med,
         "ratio_guarded_over_none": {k: med["classifier"][k] / med["none"][k] for k in med["none"]},
     }
 
@@ -125,9 +157,10 @@ def main() -> int:
     ap.add_argument("--encoder", type=Path, default=None, help="guard.encoder (default: the config default)")
     ap.add_argument("--head", type=Path, default=None, help="guard.head (default: the config default)")
     ap.add_argument("--concurrency", type=int, default=1, help="streams of each prompt run at once")
+    ap.add_argument("--stagger", type=float, default=0.0, help="seconds between the starts of those streams")
     a = ap.parse_args()
     out = asyncio.run(main_async(a.model, a.rounds, a.max_new_tokens, a.encoder_threads, a.first_window,
-                                 a.encoder, a.head, a.concurrency))
+                                 a.encoder, a.head, a.concurrency, a.stagger))
     print(json.dumps(out, indent=2))
     return 0
 

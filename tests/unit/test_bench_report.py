@@ -206,3 +206,16 @@ def test_decode_aggregate_rate_excludes_prefill() -> None:
     ]
     assert decode_aggregate_rate(traces) == pytest.approx(3 / 2.0)  # first token 1.0 -> last 3.0
     assert decode_aggregate_rate([StreamTrace(start=0.0, token_times=[1.0])]) == 0.0
+
+
+def test_guard_overhead_tpot_counts_the_same_token_span_in_both_configurations() -> None:
+    from bench.guard_overhead import _Stream
+
+    # unguarded: one token per chunk, 10 ms apart; guarded: the first release holds 4 tokens, then windows
+    plain = _Stream(times=[0.10 + 0.01 * i for i in range(12)], tokens=list(range(1, 13)))
+    guarded = _Stream(times=[0.20, 0.30, 0.36], tokens=[4, 8, 12])
+    assert plain.tpot(after=4) == pytest.approx((0.21 - 0.13) / 8)  # from the 4th token, not the 1st
+    assert guarded.tpot(after=4) == pytest.approx((0.36 - 0.20) / 8)
+    assert guarded.itl() == pytest.approx([0.10 / 4, 0.06 / 4])  # one value per chunk, per token
+    assert _Stream(times=[0.2], tokens=[3]).tpot(after=4) is None  # never reached the span
+    assert _Stream(times=[0.2], tokens=[4]).tpot(after=4) is None  # nothing after it
