@@ -166,8 +166,8 @@ class GuardConfig:
     # 1 leaves the cores to the generator; 2 halves an input verdict on an idle 2-core machine (docs/GUARD.md).
     encoder_threads: int = field(
         default=1,
-        metadata=_doc("onnxruntime threads for the classifier's encoder (one worker runs it; checks queue for it).",
-                      low=1),
+        metadata=_doc("onnxruntime threads for the classifier's encoder (one worker runs it; checks queue for it, "
+                      "input verdicts first).", low=1),
     )
     input_threshold: float = field(
         default=DEFAULT_THRESHOLD,
