@@ -10,15 +10,12 @@ skips calls cancelled while queued (a client that went away costs no encoder tim
 from __future__ import annotations
 
 import itertools
-import logging
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
