@@ -6,7 +6,9 @@ replayed through the output checks a stream would get: the text of its first k t
 `service/pipeline.py` sends it) at every check of a schedule. A stream is blocked when any check's score reaches
 the output threshold, so the max score over its checks decides it for every threshold at once.
 Schedules: the default (first window 4, doubling to 16) and a flat 16-token window; `--context-chars`
-compares how much of the answer each check reads (`guard.output_context_chars`).
+compares how much of the answer each check reads (`guard.output_context_chars`), `--prefilter-chars` the
+prefilter's short tail (`guard.output_prefilter_chars`, 0 = off): a check whose short tail scores below
+`guard.output_prefilter_below` is settled by it, as `StreamGuard` does.
 
     python -m bench.guard_false_blocks --prompts 120
 """
@@ -26,7 +28,7 @@ from tokenizers import Tokenizer
 from guard.backends.classifier import ClassifierModerator, load_head
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
-from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS
+from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS, DEFAULT_OUTPUT_PREFILTER_BELOW, DEFAULT_OUTPUT_PREFILTER_CHARS
 from guard.stream import check_points, judged_tail
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from service.app import start
@@ -71,25 +73,33 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     moderator = ClassifierModerator(MiniLMEncoder(args.encoder), load_head(args.head))
     worst: dict[str, list[float]] = {}
+    scores: dict[str, float] = {}  # tail -> score (schedules and contexts share checks of the same text)
+
+    async def score(prompt: str, tail: str) -> float:
+        if tail not in scores:
+            verdict = await moderator.moderate([Message("user", prompt), Message("assistant", tail)], Role.AGENT,
+                                               Stage.OUTPUT)
+            scores[tail] = verdict.score
+        return scores[tail]
+
     for prompt, ids in zip(prompts, all_ids, strict=True):
+        scores.clear()
         # every schedule and context replays prefixes of the same answer: decode each prefix once
         prefixes = {k: tokenizer.decode(ids[:k]) for first, window in SCHEDULES.values()
                     for k in check_points(len(ids), window, first)}
-        for chars in args.context_chars:
-            scores: dict[str, float] = {}
+        for chars, prefilter in ((c, p) for c in args.context_chars for p in args.prefilter_chars):
             for name, (first, window) in SCHEDULES.items():
                 points = check_points(len(ids), window, first)
                 cleared, stream_scores = 0, []
                 for k in points:
                     text = prefixes[k]
                     tail = judged_tail(text, cleared, chars)  # what StreamGuard would pass its judge
-                    if tail not in scores:  # schedules share checks of the same text
-                        verdict = await moderator.moderate([Message("user", prompt), Message("assistant", tail)],
-                                                           Role.AGENT, Stage.OUTPUT)
-                        scores[tail] = verdict.score
-                    stream_scores.append(scores[tail])
+                    short = judged_tail(text, cleared, prefilter) if prefilter else tail
+                    settled = len(short) < len(tail) and await score(prompt, short) < args.prefilter_below
+                    stream_scores.append(await score(prompt, short if settled else tail))
                     cleared = len(text)
-                worst.setdefault(f"{name}, last {chars} chars", []).append(max(stream_scores))
+                label = f", prefilter {prefilter}" if prefilter else ""
+                worst.setdefault(f"{name}, last {chars} chars{label}", []).append(max(stream_scores))
     return {
         "prompts": len(prompts),
         "mean_answer_tokens": float(np.mean([len(i) for i in all_ids])),
@@ -111,6 +121,11 @@ def main() -> int:
     ap.add_argument("--context-chars", type=lambda v: [int(x) for x in v.split(",")],
                     default=[DEFAULT_OUTPUT_CONTEXT_CHARS],
                     help="guard.output_context_chars values to compare, e.g. 512,1024")
+    ap.add_argument("--prefilter-chars", type=lambda v: [int(x) for x in v.split(",")],
+                    default=[DEFAULT_OUTPUT_PREFILTER_CHARS],
+                    help="guard.output_prefilter_chars values to compare (0 = no prefilter), e.g. 192,0")
+    ap.add_argument("--prefilter-below", type=float, default=DEFAULT_OUTPUT_PREFILTER_BELOW,
+                    help="guard.output_prefilter_below")
     print(json.dumps(asyncio.run(main_async(ap.parse_args())), indent=2))
     return 0
 

@@ -79,12 +79,14 @@ async def _one(stub: generation_pb2_grpc.GenerationServiceStub, text: str, max_n
 
 async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: int = 1,
                      first_window: int | None = None, encoder: Path | None = None,
-                     head: Path | None = None, concurrency: int = 1, stagger: float = 0.0) -> dict[str, object]:
+                     head: Path | None = None, concurrency: int = 1, stagger: float = 0.0,
+                     prefilter_chars: int | None = None) -> dict[str, object]:
     base_args = ["--port", "0", "--no-metrics-enabled", "--model", str(model)]
     app, srv = await start(load_config([*base_args, "--guard-backend", "none"], env={}))
     guard_args = [] if first_window is None else ["--guard-first-release-window-tokens", str(first_window)]
     guard_args += [] if encoder is None else ["--guard-encoder", str(encoder)]
     guard_args += [] if head is None else ["--guard-head", str(head)]
+    guard_args += [] if prefilter_chars is None else ["--guard-output-prefilter-chars", str(prefilter_chars)]
     guarded_cfg = load_config([*base_args, "--guard-backend", "classifier",
                                "--guard-encoder-threads", str(encoder_threads), *guard_args], env={})
     verdicts = ListSink()
@@ -132,6 +134,8 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
         "head": str(guarded_cfg.guard.head),
         "release_windows": {"first": guarded_cfg.guard.first_release_window_tokens,
                             "window": guarded_cfg.guard.release_window_tokens},
+        "output_chars": {"context": guarded_cfg.guard.output_context_chars,
+                         "prefilter": guarded_cfg.guard.output_prefilter_chars},
         "concurrency": concurrency,
         "stagger_seconds": stagger,
         "requests_per_config": rounds * len(PROMPTS) * concurrency,
@@ -158,9 +162,12 @@ def main() -> int:
     ap.add_argument("--head", type=Path, default=None, help="guard.head (default: the config default)")
     ap.add_argument("--concurrency", type=int, default=1, help="streams of each prompt run at once")
     ap.add_argument("--stagger", type=float, default=0.0, help="seconds between the starts of those streams")
+    ap.add_argument("--prefilter-chars", type=int, default=None,
+                    help="guard.output_prefilter_chars of the guarded server (0 = off; default: the config default)")
     a = ap.parse_args()
     out = asyncio.run(main_async(a.model, a.rounds, a.max_new_tokens, a.encoder_threads, a.first_window,
-                                 a.encoder, a.head, a.concurrency, a.stagger))
+                                 a.encoder, a.head, a.concurrency, a.stagger,
+                                 a.prefilter_chars))
     print(json.dumps(out, indent=2))
     return 0
 

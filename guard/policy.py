@@ -34,6 +34,12 @@ DEFAULT_FIRST_RELEASE_WINDOW_TOKENS = 4
 # so content spanning a window boundary is still seen whole, and each check's cost stays flat as the answer
 # grows. 1024 characters cost ~2x the encoder time for +1 point of unsafe-answer recall (docs/GUARD.md).
 DEFAULT_OUTPUT_CONTEXT_CHARS = 512
+# Each output check first judges the answer's last 192 characters (~48 tokens) and reads the full context only
+# when that verdict's score is >= 0.002 (guard/stream.py). Replayed on 526 dev-split model responses and 200
+# benign answers (docs/GUARD.md): 31% fewer encoded tokens than reading 512 characters every time, the same
+# unsafe responses stopped (0.966), fewer safe ones (0.140 vs 0.163).
+DEFAULT_OUTPUT_PREFILTER_CHARS = 192
+DEFAULT_OUTPUT_PREFILTER_BELOW = 0.002
 # A guard check that takes longer than this is treated as a backend error (then fail-open/closed).
 DEFAULT_TIMEOUT_SECONDS = 2.0
 ERROR_BACKEND = "error"
@@ -84,6 +90,9 @@ class Policy:
             later windows double up to release_window_tokens.
         output_context_chars: an output check judges the answer's last this-many characters, reaching
             further back over any text no safe verdict covered yet (`guard.stream.judged_tail`).
+        output_prefilter_chars: each output check first judges this shorter tail; 0 = no prefilter.
+        output_prefilter_below: the prefilter's safe verdict settles a check when its score is below this;
+            otherwise the `output_context_chars` tail is judged and decides.
         timeout_seconds: longest a single check may take before it counts as a backend error.
     """
 
@@ -96,6 +105,8 @@ class Policy:
     release_window_tokens: int = DEFAULT_RELEASE_WINDOW_TOKENS
     first_release_window_tokens: int = DEFAULT_FIRST_RELEASE_WINDOW_TOKENS
     output_context_chars: int = DEFAULT_OUTPUT_CONTEXT_CHARS
+    output_prefilter_chars: int = DEFAULT_OUTPUT_PREFILTER_CHARS
+    output_prefilter_below: float = DEFAULT_OUTPUT_PREFILTER_BELOW
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     _known: frozenset[str] = field(init=False, repr=False, compare=False)
     _active: tuple[Category, ...] = field(init=False, repr=False, compare=False)
@@ -122,6 +133,9 @@ class Policy:
             raise PolicyError(f"first_release_window_tokens must be >= 1, got {self.first_release_window_tokens}")
         if self.output_context_chars < 1:
             raise PolicyError(f"output_context_chars must be >= 1, got {self.output_context_chars}")
+        if self.output_prefilter_chars < 0:
+            raise PolicyError(f"output_prefilter_chars must be >= 0, got {self.output_prefilter_chars}")
+        _check_threshold("output_prefilter_below", self.output_prefilter_below)
         if not (self.timeout_seconds > 0 and math.isfinite(self.timeout_seconds)):
             raise PolicyError(f"timeout_seconds must be > 0, got {self.timeout_seconds}")
         excluded = set(self.excluded)

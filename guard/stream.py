@@ -15,6 +15,12 @@ context may find the answer unsafe; the client then holds only text that was cle
 `window` generated pieces past the last safe verdict are withheld. A smaller window detects earlier and
 releases sooner, at the price of more judge calls. The latency added is measured per piece: the time
 from `feed` to its release (`StreamGuardStats.release_delay_seconds`).
+
+A prefilter (`prefilter_chars`) makes most checks cheaper: each check first judges a shorter tail (still
+reaching back over all uncleared text), and only when that verdict is not clearly safe (unsafe, an error, or
+a score at or above `prefilter_below`) judges the full tail, whose verdict then decides. Released text is
+still always covered by a safe verdict; what the prefilter gives up is the wider context for text whose short
+tail looks clearly safe.
 """
 
 from __future__ import annotations
@@ -72,7 +78,8 @@ class StreamGuardStats:
     """Counters for metrics; times are seconds of the injected clock.
 
     Args:
-        judge_calls: verdicts asked for.
+        judge_calls: verdicts asked for (a prefiltered check that escalates asks for two).
+        prefilter_passes: checks settled by the prefilter's short tail alone.
         judged_tokens: pieces covered, summed over calls (a judge re-reads the whole text each time).
         tokens_fed: pieces received.
         tokens_released: pieces released.
@@ -84,6 +91,7 @@ class StreamGuardStats:
     """
 
     judge_calls: int = 0
+    prefilter_passes: int = 0
     judged_tokens: int = 0
     tokens_fed: int = 0
     tokens_released: int = 0
@@ -106,6 +114,8 @@ class StreamGuard(Generic[T]):
             later window doubles until it reaches `window`.
         context_chars: the judge gets the text's last this-many characters, extended back over any text
             no safe verdict covered yet (`judged_tail`); default: the whole text.
+        prefilter_chars: judge this shorter tail first (same extension); None = no prefilter.
+        prefilter_below: a prefilter verdict settles the check only when safe with a score below this.
     """
 
     def __init__(
@@ -116,6 +126,8 @@ class StreamGuard(Generic[T]):
         clock: Callable[[], float] = time.perf_counter,
         first_window: int | None = None,
         context_chars: int | None = None,
+        prefilter_chars: int | None = None,
+        prefilter_below: float = 0.0,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -123,8 +135,12 @@ class StreamGuard(Generic[T]):
             raise ValueError(f"first_window must be >= 1, got {first_window}")
         if context_chars is not None and context_chars < 1:
             raise ValueError(f"context_chars must be >= 1, got {context_chars}")
+        if prefilter_chars is not None and prefilter_chars < 1:
+            raise ValueError(f"prefilter_chars must be >= 1, got {prefilter_chars}")
         self._judge = judge
         self._context_chars = context_chars
+        self._prefilter_chars = prefilter_chars
+        self._prefilter_below = prefilter_below
         self._window = window
         self._next_window = first_window_size(window, first_window)
         self._text_of = text_of
@@ -205,13 +221,29 @@ class StreamGuard(Generic[T]):
             # the text is already covered, a new call would judge the very same string.
             return self._release()
         cleared = len(self._cleared_text) if self._cleared_text is not None else 0
-        verdict = await self._timed_judge(judged_tail(text, cleared, self._context_chars))
+        tail = judged_tail(text, cleared, self._context_chars)
+        verdict = await self._prefilter(text, cleared, tail)
+        if verdict is None:
+            verdict = await self._timed_judge(tail)
         self._verdict = verdict
         if not verdict.safe:
             self._close()
             return []
         self._cleared_text = text
         return self._release()
+
+    async def _prefilter(self, text: str, cleared: int, tail: str) -> Verdict | None:
+        """The short tail's verdict when it is clearly safe, else None (the full tail decides)."""
+        if self._prefilter_chars is None:
+            return None
+        short = judged_tail(text, cleared, self._prefilter_chars)
+        if len(short) >= len(tail):
+            return None  # no shorter than the full tail: one call suffices
+        verdict = await self._timed_judge(short)
+        if verdict.safe and not verdict.error and verdict.score < self._prefilter_below:
+            self.stats.prefilter_passes += 1
+            return verdict
+        return None
 
     async def _timed_judge(self, text: str) -> Verdict:
         start = self._clock()
@@ -247,7 +279,7 @@ class StreamGuard(Generic[T]):
 
 def text_stream_guard(
     judge: Judge, window: int, clock: Callable[[], float] = time.perf_counter, first_window: int | None = None,
-    context_chars: int | None = None,
+    context_chars: int | None = None, prefilter_chars: int | None = None, prefilter_below: float = 0.0,
 ) -> StreamGuard[str]:
     """A `StreamGuard` over plain text pieces.
 
@@ -257,9 +289,12 @@ def text_stream_guard(
         clock: monotonic seconds.
         first_window: pieces before the first check (see `StreamGuard`).
         context_chars: characters each check reads (see `judged_tail`).
+        prefilter_chars: a shorter tail judged first (see `StreamGuard`).
+        prefilter_below: score under which the prefilter's safe verdict settles a check.
 
     Returns:
         The guard.
     """
     return StreamGuard(judge, window, text_of=str, clock=clock, first_window=first_window,
-                       context_chars=context_chars)
+                       context_chars=context_chars, prefilter_chars=prefilter_chars,
+                       prefilter_below=prefilter_below)

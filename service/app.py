@@ -54,7 +54,8 @@ def policy_from_config(config: Config) -> Policy:
                   output_threshold=g.output_threshold, fail_open=g.fail_open,
                   release_window_tokens=g.release_window_tokens,
                   first_release_window_tokens=g.first_release_window_tokens,
-                  output_context_chars=g.output_context_chars, timeout_seconds=g.timeout_seconds)
+                  output_context_chars=g.output_context_chars, output_prefilter_chars=g.output_prefilter_chars,
+                  output_prefilter_below=g.output_prefilter_below, timeout_seconds=g.timeout_seconds)
 
 
 def chat_template(tokenizer_config: dict[str, object]) -> ChatTemplate | None:

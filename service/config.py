@@ -27,6 +27,8 @@ from typing import Any, Final
 from guard.policy import (
     DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
     DEFAULT_OUTPUT_CONTEXT_CHARS,
+    DEFAULT_OUTPUT_PREFILTER_BELOW,
+    DEFAULT_OUTPUT_PREFILTER_CHARS,
     DEFAULT_RELEASE_WINDOW_TOKENS,
     DEFAULT_THRESHOLD,
     DEFAULT_TIMEOUT_SECONDS,
@@ -202,6 +204,16 @@ class GuardConfig:
         default=DEFAULT_OUTPUT_CONTEXT_CHARS,
         metadata=_doc("Output checks judge the answer's last this-many characters, and more when a window's new "
                       "text is longer (cost per check grows with it).", low=1),
+    )
+    output_prefilter_chars: int = field(
+        default=DEFAULT_OUTPUT_PREFILTER_CHARS,
+        metadata=_doc("Output checks first judge the answer's last this-many characters and read "
+                      "output_context_chars only when that is not clearly safe; 0 turns the prefilter off.", low=0),
+    )
+    output_prefilter_below: float = field(
+        default=DEFAULT_OUTPUT_PREFILTER_BELOW,
+        metadata=_doc("A prefilter verdict settles an output check when safe with a score below this.", low=0,
+                      high=1),
     )
     excluded_categories: tuple[str, ...] = field(
         default=(), metadata=_doc("Category codes not blocked, e.g. S6,S8.")

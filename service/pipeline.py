@@ -169,7 +169,9 @@ class Pipeline:
                                             Stage.OUTPUT, policy)
                 guard = StreamGuard(judge_output, policy.release_window_tokens, text_of=_event_text,
                                     first_window=policy.first_window_tokens,
-                                    context_chars=policy.output_context_chars)
+                                    context_chars=policy.output_context_chars,
+                                    prefilter_chars=policy.output_prefilter_chars or None,
+                                    prefilter_below=policy.output_prefilter_below)
             async for ev in stream:
                 released = [ev] if guard is None else await guard.feed(ev)
                 if guard is not None and guard.blocked:

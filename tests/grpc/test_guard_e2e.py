@@ -152,6 +152,31 @@ async def test_output_checks_judge_only_the_answers_tail(served: Served, model_d
     assert end == len(answer) and all(len(text) < len(answer) for text in judged)
 
 
+@pytest.mark.parametrize("below", [0.002, 0.5])
+async def test_output_prefilter_reads_short_tails_and_escalates_unclear_ones(served: Served, model_dir: Path,
+                                                                             below: float) -> None:
+    # The benign poem's short tails score ~0.02 here: below 0.002 every one escalates, below 0.5 none does.
+    args = ("--guard-output-context-chars", "160", "--guard-output-prefilter-chars", "40",
+            "--guard-output-prefilter-below", str(below))
+    async with guarded(served, model_dir, *args) as (target, rec):
+        chunks, final = await stream(target, chat("Write a short poem about rivers.", max_new_tokens=64))
+    answer = "".join(c for c, _ in chunks)
+    assert final.output_verdict.safe and len(answer) > 200, answer
+    calls = [(text, v) for stage, text, v, _ in rec.calls if stage is Stage.OUTPUT]
+    short = [i for i, (text, _) in enumerate(calls) if len(text) < 80 and answer.find(text) > 80]
+    assert short, "no check read a short tail late in the answer"
+    escalated = 0
+    for i in short:
+        text, v = calls[i]
+        if v.score >= below:  # not clearly safe: the same check reads the full context next
+            nxt = calls[i + 1][0]
+            assert len(nxt) > len(text) and nxt.endswith(text), (text, nxt)
+            escalated += 1
+        else:  # settled: the next call belongs to a later check (or there is none)
+            assert i + 1 == len(calls) or not calls[i + 1][0].endswith(text)
+    assert (escalated > 0) == (below < 0.01), [round(calls[i][1].score, 4) for i in short]
+
+
 async def test_output_verdict_stops_the_stream(served: Served, model_dir: Path) -> None:
     guard = common_pb2.GuardOptions(output_threshold=0.0, release_window_tokens=2)
     async with guarded(served, model_dir) as (target, rec):

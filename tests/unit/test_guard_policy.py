@@ -48,6 +48,8 @@ def test_categories_in_prompt_order_without_excluded() -> None:
         {"release_window_tokens": 0},
         {"first_release_window_tokens": 0},
         {"output_context_chars": 0},
+        {"output_prefilter_chars": -1},
+        {"output_prefilter_below": 1.5},
         {"timeout_seconds": 0.0},
         {"enabled": ("S1",), "excluded": ("S1",)},
     ],

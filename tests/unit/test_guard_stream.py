@@ -254,3 +254,117 @@ def test_check_points_replay_the_stream_guards_checks(n: int, first: int | None,
         return [len(text) for text in judge.seen]
 
     assert check_points(n, window, first) == asyncio.run(run())
+
+
+@dataclass
+class ScoredJudge:
+    """Answers (safe, score) from a script (then clearly safe); records the text asked at each call."""
+
+    script: list[tuple[bool, float]] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)
+
+    async def __call__(self, text: str) -> Verdict:
+        self.seen.append(text)
+        i = len(self.seen) - 1
+        safe, score = self.script[i] if i < len(self.script) else (True, 0.0)
+        return Verdict(safe, () if safe else ("S1",), score, "fake", Stage.OUTPUT)
+
+
+async def test_prefilter_settles_clearly_safe_checks_with_the_short_tail() -> None:
+    judge = ScoredJudge([(True, 0.01)])
+    guard = text_stream_guard(judge, window=2, context_chars=10, prefilter_chars=4, prefilter_below=0.02)
+    assert await guard.feed("abcdefgh") == []
+    assert await guard.feed("ijkl") == ["abcdefgh", "ijkl"]
+    assert judge.seen == ["abcdefghijkl"]  # all uncleared: the short tail is the whole text, one call suffices
+    assert await guard.feed("mn") == []
+    assert await guard.feed("op") == ["mn", "op"]
+    assert judge.seen[1] == "mnop"  # the last 4 characters, clearly safe: no full-tail call
+    assert guard.stats.prefilter_passes == 1 and guard.stats.judge_calls == 2
+
+
+async def test_prefilter_escalates_and_the_full_tail_decides() -> None:
+    # first check: one call (all text uncleared); then short 0.3 (not clearly safe) -> full safe: released;
+    # short unsafe -> full safe: released; short 0.3 -> full unsafe: blocked
+    judge = ScoredJudge([(True, 0.0), (True, 0.3), (True, 0.1), (False, 0.9), (True, 0.2), (True, 0.3),
+                         (False, 0.8)])
+    guard = text_stream_guard(judge, window=2, context_chars=10, prefilter_chars=4, prefilter_below=0.02)
+    await guard.feed("abcd")
+    assert await guard.feed("efgh") == ["abcd", "efgh"]
+    assert judge.seen == ["abcdefgh"]
+    await guard.feed("ij")
+    assert await guard.feed("kl") == ["ij", "kl"]
+    assert judge.seen[1:] == ["ijkl", "cdefghijkl"]  # short, then the full 10-character context
+    await guard.feed("mn")
+    assert await guard.feed("op") == ["mn", "op"]  # the short tail's unsafe verdict is not final
+    assert judge.seen[3:] == ["mnop", "ghijklmnop"]
+    await guard.feed("qr")
+    assert await guard.feed("st") == []
+    assert guard.blocked and judge.seen[5:] == ["qrst", "klmnopqrst"]
+    assert guard.stats.prefilter_passes == 0 and guard.stats.judge_calls == 7
+
+
+async def test_prefilter_error_verdict_escalates() -> None:
+    calls: list[str] = []
+
+    async def judge(text: str) -> Verdict:
+        calls.append(text)
+        return Verdict(True, (), 0.0, "error", Stage.OUTPUT, error=True) if len(calls) == 2 else SAFE
+
+    guard = text_stream_guard(judge, window=4, context_chars=8, prefilter_chars=2, prefilter_below=0.5)
+    for piece in "abcd":
+        await guard.feed(piece)
+    for piece in "efgh":
+        await guard.feed(piece)
+    assert calls == ["abcd", "efgh", "abcdefgh"]  # a fail-open error verdict never settles a check alone
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(["", "a", "bc", " ", "é", "long piece of text"]), max_size=30),
+    script=st.lists(st.tuples(st.booleans(), st.sampled_from([0.0, 0.01, 0.3, 0.9])), max_size=16),
+    window=st.integers(min_value=1, max_value=6),
+    context_chars=st.none() | st.integers(min_value=1, max_value=40),
+    prefilter_chars=st.integers(min_value=1, max_value=20),
+)
+def test_prefilter_never_releases_text_no_deciding_safe_verdict_covered(
+        pieces: list[str], script: list[tuple[bool, float]], window: int, context_chars: int | None,
+        prefilter_chars: int) -> None:
+    async def run() -> None:
+        judge = ScoredJudge(list(script))
+        guard = text_stream_guard(judge, window=window, first_window=1, context_chars=context_chars,
+                                  prefilter_chars=prefilter_chars, prefilter_below=0.02)
+        fed, released, cleared = "", "", ""
+        blocked = False
+
+        async def step(call: object) -> None:
+            nonlocal cleared, blocked, released
+            before = len(judge.seen)
+            out = await call  # type: ignore[misc]
+            items = out if isinstance(out, list) else out[0]
+            calls = judge.seen[before:]
+            assert len(calls) <= 2
+            for asked in calls:  # every call reads all uncleared text, as a suffix of what was generated
+                assert fed.endswith(asked) and len(asked) >= len(fed) - len(cleared)
+            if calls:
+                i = len(judge.seen) - 1  # the last call of a check decides it
+                safe = script[i][0] if i < len(script) else True
+                if len(calls) == 2:
+                    first = script[before] if before < len(script) else (True, 0.0)
+                    assert not (first[0] and first[1] < 0.02)  # a clearly safe short tail would have settled it
+                    assert len(calls[0]) < len(calls[1])
+                if safe and not blocked:
+                    cleared = fed
+                else:
+                    blocked = True
+            released += "".join(items)
+            assert cleared.startswith(released)  # released text is covered by a deciding safe verdict
+            if blocked:
+                assert not items
+
+        for piece in pieces:
+            fed += piece
+            await step(guard.feed(piece))
+        await step(guard.finish())
+        assert guard.blocked == blocked
+
+    asyncio.run(run())
