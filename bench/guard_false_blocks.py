@@ -29,7 +29,7 @@ from guard.backends.classifier import ClassifierModerator, load_head
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
 from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS, DEFAULT_OUTPUT_PREFILTER_BELOW, DEFAULT_OUTPUT_PREFILTER_CHARS
-from guard.stream import check_points, judged_tail
+from guard.stream import check_points, judged_tail, prefilter_tail
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from service.app import start
 from service.config import load_config
@@ -94,9 +94,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 for k in points:
                     text = prefixes[k]
                     tail = judged_tail(text, cleared, chars)  # what StreamGuard would pass its judge
-                    short = judged_tail(text, cleared, prefilter) if prefilter else tail
-                    settled = len(short) < len(tail) and await score(prompt, short) < args.prefilter_below
-                    stream_scores.append(await score(prompt, short if settled else tail))
+                    short = prefilter_tail(text, cleared, tail, prefilter)
+                    settled = short is not None and await score(prompt, short) < args.prefilter_below
+                    stream_scores.append(await score(prompt, short if short is not None and settled else tail))
                     cleared = len(text)
                 label = f", prefilter {prefilter}" if prefilter else ""
                 worst.setdefault(f"{name}, last {chars} chars{label}", []).append(max(stream_scores))

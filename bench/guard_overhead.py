@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc.aio
 
+from guard.stream import first_window_size
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from service.app import build_app, start
 from service.config import load_config
@@ -93,7 +94,8 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
     gapp = build_app(guarded_cfg, app.engine, stats=verdicts)
     gsrv = await start_server(guarded_cfg, gapp.generation, gapp.moderation, gapp.life, None)
     await gsrv.set_serving(True)
-    first_release = guarded_cfg.guard.first_release_window_tokens
+    first_release = first_window_size(guarded_cfg.guard.release_window_tokens,
+                                      guarded_cfg.guard.first_release_window_tokens)
     results: dict[str, dict[str, list[float]]] = {
         "none": {"ttft": [], "itl": [], "tpot": [], "tok_s": []},
         "classifier": {"ttft": [], "itl": [], "tpot": [], "tok_s": []},

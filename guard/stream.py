@@ -61,6 +61,16 @@ def judged_tail(text: str, cleared: int, context_chars: int | None) -> str:
     return text[min(max(0, len(text) - context_chars), cleared):]
 
 
+def prefilter_tail(text: str, cleared: int, tail: str, prefilter_chars: int | None) -> str | None:
+    """What a prefilter reads before `tail` (a check's full `judged_tail`): the shorter tail under the same
+    reach-back rule, or None when there is no prefilter or it would read no less than `tail` (then the one
+    full call suffices). Benchmarks replaying checks use it too."""
+    if not prefilter_chars:
+        return None
+    short = judged_tail(text, cleared, prefilter_chars)
+    return short if len(short) < len(tail) else None
+
+
 def check_points(pieces: int, window: int, first_window: int | None = None) -> list[int]:
     """Piece counts at which `StreamGuard` judges a stream of `pieces` pieces, the last at `finish`
     (benchmarks replay streams through the same schedule)."""
@@ -234,11 +244,9 @@ class StreamGuard(Generic[T]):
 
     async def _prefilter(self, text: str, cleared: int, tail: str) -> Verdict | None:
         """The short tail's verdict when it is clearly safe, else None (the full tail decides)."""
-        if self._prefilter_chars is None:
+        short = prefilter_tail(text, cleared, tail, self._prefilter_chars)
+        if short is None:
             return None
-        short = judged_tail(text, cleared, self._prefilter_chars)
-        if len(short) >= len(tail):
-            return None  # no shorter than the full tail: one call suffices
         verdict = await self._timed_judge(short)
         if verdict.safe and not verdict.error and verdict.score < self._prefilter_below:
             self.stats.prefilter_passes += 1
