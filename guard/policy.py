@@ -92,7 +92,8 @@ class Policy:
             further back over any text no safe verdict covered yet (`guard.stream.judged_tail`).
         output_prefilter_chars: each output check first judges this shorter tail; 0 = no prefilter.
         output_prefilter_below: the prefilter's safe verdict settles a check when its score is below this;
-            otherwise the `output_context_chars` tail is judged and decides.
+            otherwise the `output_context_chars` tail is judged and decides. A request that lowers
+            `output_threshold` lowers this bar in the same proportion (`tighten`).
         timeout_seconds: longest a single check may take before it counts as a backend error.
     """
 
@@ -186,12 +187,18 @@ class Policy:
         added = tuple(c for c in sort_codes(extra) if is_builtin(c) and c not in self.enabled)
         enabled = self.enabled + added
         excluded = tuple(c for c in self.excluded if c not in extra)
+        output_threshold = _lower("output_threshold", self.output_threshold, options.output_threshold)
+        # A lower output threshold lowers the prefilter's bar in proportion: a short tail settles a check only
+        # when it scores as far below this request's threshold as the deployment's bar is below its own.
+        prefilter_below = (self.output_prefilter_below * output_threshold / self.output_threshold
+                           if output_threshold < self.output_threshold else self.output_prefilter_below)
         return replace(
             self,
             enabled=tuple(sorted(enabled, key=code_sort_key)),
             excluded=excluded,
             input_threshold=_lower("input_threshold", self.input_threshold, options.input_threshold),
-            output_threshold=_lower("output_threshold", self.output_threshold, options.output_threshold),
+            output_threshold=output_threshold,
+            output_prefilter_below=prefilter_below,
             release_window_tokens=_smaller_window(self.release_window_tokens, options.release_window_tokens),
             fail_open=_stricter_fail_open(self.fail_open, options.fail_open),
         )

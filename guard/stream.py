@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, replace
+from typing import Generic, Literal, TypeVar
 
 from guard.moderator import Verdict
 
@@ -38,6 +38,10 @@ T = TypeVar("T")
 # the stage. It should not raise (wrap the moderator in `guard.policy.FailSafeModerator`): if it does, the
 # exception propagates and the guard is closed, so nothing more is released.
 Judge = Callable[[str], Awaitable[Verdict]]
+
+# How a check reached its deciding verdict: one read of the full tail (no prefilter, or the short tail would
+# be no shorter), settled by the prefilter's short tail, or escalated from it to the full tail.
+CheckRead = Literal["full", "prefilter", "escalated"]
 
 
 def first_window_size(window: int, first_window: int | None) -> int:
@@ -89,7 +93,9 @@ class StreamGuardStats:
 
     Args:
         judge_calls: verdicts asked for (a prefiltered check that escalates asks for two).
+        checks: checks decided (one deciding verdict each, however many reads it took).
         prefilter_passes: checks settled by the prefilter's short tail alone.
+        prefilter_escalations: checks whose short tail was not clearly safe, so the full tail decided.
         judged_tokens: pieces covered, summed over calls (a judge re-reads the whole text each time).
         tokens_fed: pieces received.
         tokens_released: pieces released.
@@ -101,7 +107,9 @@ class StreamGuardStats:
     """
 
     judge_calls: int = 0
+    checks: int = 0
     prefilter_passes: int = 0
+    prefilter_escalations: int = 0
     judged_tokens: int = 0
     tokens_fed: int = 0
     tokens_released: int = 0
@@ -126,6 +134,9 @@ class StreamGuard(Generic[T]):
             no safe verdict covered yet (`judged_tail`); default: the whole text.
         prefilter_chars: judge this shorter tail first (same extension); None = no prefilter.
         prefilter_below: a prefilter verdict settles the check only when safe with a score below this.
+        on_decision: called once per check with its deciding verdict and how it was read (`CheckRead`);
+            an escalated check's verdict carries the latency of both reads. Metrics record verdicts here,
+            so a check counts once however many reads it took.
     """
 
     def __init__(
@@ -138,6 +149,7 @@ class StreamGuard(Generic[T]):
         context_chars: int | None = None,
         prefilter_chars: int | None = None,
         prefilter_below: float = 0.0,
+        on_decision: Callable[[Verdict, CheckRead], None] | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -151,6 +163,7 @@ class StreamGuard(Generic[T]):
         self._context_chars = context_chars
         self._prefilter_chars = prefilter_chars
         self._prefilter_below = prefilter_below
+        self._on_decision = on_decision
         self._window = window
         self._next_window = first_window_size(window, first_window)
         self._text_of = text_of
@@ -232,26 +245,29 @@ class StreamGuard(Generic[T]):
             return self._release()
         cleared = len(self._cleared_text) if self._cleared_text is not None else 0
         tail = judged_tail(text, cleared, self._context_chars)
-        verdict = await self._prefilter(text, cleared, tail)
-        if verdict is None:
-            verdict = await self._timed_judge(tail)
+        verdict, read = await self._decide(text, cleared, tail)
         self._verdict = verdict
+        self.stats.checks += 1
+        if self._on_decision is not None:
+            self._on_decision(verdict, read)
         if not verdict.safe:
             self._close()
             return []
         self._cleared_text = text
         return self._release()
 
-    async def _prefilter(self, text: str, cleared: int, tail: str) -> Verdict | None:
-        """The short tail's verdict when it is clearly safe, else None (the full tail decides)."""
+    async def _decide(self, text: str, cleared: int, tail: str) -> tuple[Verdict, CheckRead]:
+        """One check's deciding verdict: the short tail's when it is clearly safe, else the full tail's."""
         short = prefilter_tail(text, cleared, tail, self._prefilter_chars)
         if short is None:
-            return None
-        verdict = await self._timed_judge(short)
-        if verdict.safe and not verdict.error and verdict.score < self._prefilter_below:
+            return await self._timed_judge(tail), "full"
+        first = await self._timed_judge(short)
+        if first.safe and not first.error and first.score < self._prefilter_below:
             self.stats.prefilter_passes += 1
-            return verdict
-        return None
+            return first, "prefilter"
+        self.stats.prefilter_escalations += 1
+        verdict = await self._timed_judge(tail)
+        return replace(verdict, latency=first.latency + verdict.latency), "escalated"
 
     async def _timed_judge(self, text: str) -> Verdict:
         start = self._clock()
@@ -288,6 +304,7 @@ class StreamGuard(Generic[T]):
 def text_stream_guard(
     judge: Judge, window: int, clock: Callable[[], float] = time.perf_counter, first_window: int | None = None,
     context_chars: int | None = None, prefilter_chars: int | None = None, prefilter_below: float = 0.0,
+    on_decision: Callable[[Verdict, CheckRead], None] | None = None,
 ) -> StreamGuard[str]:
     """A `StreamGuard` over plain text pieces.
 
@@ -299,10 +316,11 @@ def text_stream_guard(
         context_chars: characters each check reads (see `judged_tail`).
         prefilter_chars: a shorter tail judged first (see `StreamGuard`).
         prefilter_below: score under which the prefilter's safe verdict settles a check.
+        on_decision: called with each check's deciding verdict (see `StreamGuard`).
 
     Returns:
         The guard.
     """
     return StreamGuard(judge, window, text_of=str, clock=clock, first_window=first_window,
                        context_chars=context_chars, prefilter_chars=prefilter_chars,
-                       prefilter_below=prefilter_below)
+                       prefilter_below=prefilter_below, on_decision=on_decision)

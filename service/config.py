@@ -212,7 +212,8 @@ class GuardConfig:
     )
     output_prefilter_below: float = field(
         default=DEFAULT_OUTPUT_PREFILTER_BELOW,
-        metadata=_doc("A prefilter verdict settles an output check when safe with a score below this.", low=0,
+        metadata=_doc("A prefilter verdict settles an output check when safe with a score below this (a request "
+                      "that lowers output_threshold lowers it in proportion).", low=0,
                       high=1),
     )
     excluded_categories: tuple[str, ...] = field(

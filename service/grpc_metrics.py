@@ -172,6 +172,9 @@ class RecordingSink:
     def record_verdict(self, verdict: Verdict) -> None:
         self.inner.record_verdict(verdict)
 
+    def record_prefilter(self, outcome: str) -> None:
+        self.inner.record_prefilter(outcome)
+
 
 class _Call:
     """One call in flight: its scope, start time, and the status it ended with."""

@@ -140,23 +140,34 @@ class RequestMetrics:
         )
 
 
+PREFILTER_OUTCOMES = ("prefilter", "escalated")
+
+
 @dataclass(frozen=True, slots=True)
 class GuardMetrics:
     """Guard verdicts (from the pipeline's record_verdict)."""
 
     decisions: Counter
     latency: Histogram
+    prefilter: Counter
 
     @classmethod
     def create(cls, r: CollectorRegistry) -> GuardMetrics:
-        return cls(
+        m = cls(
             decisions=Counter("sluice_guard_decisions_total", "Guard verdicts by stage, verdict (safe, unsafe, "
                               "error = backend failed and the fail-open/closed policy decided) and category; a "
                               "verdict naming several categories counts once per category.",
                               ["stage", "verdict", "category"], registry=r),
-            latency=Histogram("sluice_guard_latency_seconds", "Time one guard verdict took.", ["stage"],
+            latency=Histogram("sluice_guard_latency_seconds", "Time one guard verdict took (an output check "
+                              "that escalated from the prefilter: both reads).", ["stage"],
                               buckets=GUARD_BUCKETS, registry=r),
+            prefilter=Counter("sluice_guard_prefilter_checks_total", "Output checks that read the prefilter's "
+                              "short tail first, by outcome: prefilter (it settled the check) or escalated (the "
+                              "full tail decided).", ["outcome"], registry=r),
         )
+        for outcome in PREFILTER_OUTCOMES:  # both series exist from the start, so rate() and ratios work
+            m.prefilter.labels(outcome)
+        return m
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +287,9 @@ class PrometheusSink:
         for category in category_labels(verdict):
             self.guard.decisions.labels(stage, label, category).inc()
         self.guard.latency.labels(stage).observe(verdict.latency)
+
+    def record_prefilter(self, outcome: str) -> None:
+        self.guard.prefilter.labels(outcome).inc()
 
     # -- CallObserver ------------------------------------------------------------------------------------
     def call_started(self, info: CallInfo) -> None:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from guard.moderator import Message, Moderator, Role, Stage, Verdict
 from guard.policy import Policy, PolicyError, PolicyOptions
-from guard.stream import StreamGuard
+from guard.stream import CheckRead, StreamGuard
 from service.engine.types import FinishReason, GenerationRequest, SamplingParams, Timings, TokenEvent, Usage
 from service.errors import InvalidArgument, PromptTooLong, QueueFull
 from service.stats import NullSink, RequestRecord, StatsSink
@@ -120,8 +120,12 @@ class Pipeline:
         except PolicyError as e:
             raise guard_policy_error(e) from e
 
-    async def judge(self, conversation: Sequence[Message], role: Role, stage: Stage, policy: Policy) -> Verdict:
-        """The backend's verdict, re-decided under a per-request (stricter) policy when there is one."""
+    async def judge(self, conversation: Sequence[Message], role: Role, stage: Stage, policy: Policy,
+                    record: bool = True) -> Verdict:
+        """The backend's verdict, re-decided under a per-request (stricter) policy when there is one.
+
+        `record=False` leaves recording to the caller (output checks record one deciding verdict per check,
+        however many reads it took: `record_check`)."""
         assert self.moderator is not None
         v = await self.moderator.moderate(conversation, role, stage)
         if policy is not self.policy and not v.error:
@@ -129,8 +133,15 @@ class Pipeline:
         elif v.error and v.safe and not policy.fail_open:
             # The backend failed and the server fails open, but this request asked to fail closed.
             v = replace(v, safe=False, score=1.0)
-        self.stats.record_verdict(v)
+        if record:
+            self.stats.record_verdict(v)
         return v
+
+    def record_check(self, verdict: Verdict, read: CheckRead) -> None:
+        """An output check's deciding verdict, and how the prefilter read it (StreamGuard's `on_decision`)."""
+        self.stats.record_verdict(verdict)
+        if read != "full":
+            self.stats.record_prefilter(read)
 
     async def generate(self, cmd: GenerateCommand) -> AsyncIterator[Chunk | Final]:
         """Runs one request.
@@ -166,12 +177,13 @@ class Pipeline:
                     # The guard passes the recent tail, not the whole answer (`judged_tail`): earlier text was
                     # judged by earlier windows, and a bounded text keeps each check's cost flat as it grows.
                     return await self.judge((*conversation, Message("assistant", tail)), Role.AGENT,
-                                            Stage.OUTPUT, policy)
+                                            Stage.OUTPUT, policy, record=False)
                 guard = StreamGuard(judge_output, policy.release_window_tokens, text_of=_event_text,
                                     first_window=policy.first_window_tokens,
                                     context_chars=policy.output_context_chars,
                                     prefilter_chars=policy.output_prefilter_chars or None,
-                                    prefilter_below=policy.output_prefilter_below)
+                                    prefilter_below=policy.output_prefilter_below,
+                                    on_decision=self.record_check)
             async for ev in stream:
                 released = [ev] if guard is None else await guard.feed(ev)
                 if guard is not None and guard.blocked:

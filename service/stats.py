@@ -46,6 +46,11 @@ class StatsSink(Protocol):
 
     def record_verdict(self, verdict: Verdict) -> None: ...
 
+    def record_prefilter(self, outcome: str) -> None:
+        """An output check that read the prefilter's short tail: "prefilter" (it settled the check) or
+        "escalated" (the full tail decided)."""
+        ...
+
 
 class NullSink:
     """Discards everything (metrics disabled)."""
@@ -56,6 +61,9 @@ class NullSink:
     def record_verdict(self, verdict: Verdict) -> None:
         return None
 
+    def record_prefilter(self, outcome: str) -> None:
+        return None
+
 
 class ListSink:
     """Keeps everything in memory (tests)."""
@@ -63,9 +71,13 @@ class ListSink:
     def __init__(self) -> None:
         self.requests: list[RequestRecord] = []
         self.verdicts: list[Verdict] = []
+        self.prefilter: list[str] = []
 
     def record_request(self, record: RequestRecord) -> None:
         self.requests.append(record)
 
     def record_verdict(self, verdict: Verdict) -> None:
         self.verdicts.append(verdict)
+
+    def record_prefilter(self, outcome: str) -> None:
+        self.prefilter.append(outcome)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grp
 from service.app import build_app
 from service.guard_factory import build_classifier
 from service.server import start_server
+from service.stats import ListSink
 from tests.grpc.conftest import WAIT_SECONDS, Served, server_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -35,10 +37,12 @@ BENIGN = "What is the capital of Japan?"
 
 @dataclass
 class RecordingModerator:
-    """Wraps the real classifier and records every judgement (text judged, verdict, when)."""
+    """Wraps the real classifier and records every judgement (text judged, verdict, when); `stats` is the
+    app's stats sink (what the metrics would record)."""
 
     inner: Moderator
     calls: list[tuple[Stage, str, Verdict, float]] = field(default_factory=list)
+    stats: ListSink = field(default_factory=ListSink)
 
     async def moderate(self, conversation: Sequence[Message], role: Role, stage: Stage) -> Verdict:
         v = await self.inner.moderate(conversation, role, stage)
@@ -51,7 +55,7 @@ async def guarded(served: Served, model_dir: Path, *args: str) -> AsyncIterator[
     config = server_config(model_dir, "--guard-backend", "classifier", *args)
     classifier, worker = build_classifier(config)
     recorder = RecordingModerator(classifier)
-    app = build_app(config, served.engine, moderator=recorder)
+    app = build_app(config, served.engine, stats=recorder.stats, moderator=recorder)
     server = await start_server(config, app.generation, app.moderation, app.life, None)
     await server.set_serving(True)
     try:
@@ -175,6 +179,13 @@ async def test_output_prefilter_reads_short_tails_and_escalates_unclear_ones(ser
         else:  # settled: the next call belongs to a later check (or there is none)
             assert i + 1 == len(calls) or not calls[i + 1][0].endswith(text)
     assert (escalated > 0) == (below < 0.01), [round(calls[i][1].score, 4) for i in short]
+    # the metrics see one output verdict per check, however many reads it took, and the prefilter's outcomes
+    # (a read followed by a longer one ending with it is a short read that escalated, early ones included)
+    escalations = sum(len(b) > len(a) and b.endswith(a) for (a, _), (b, _) in itertools.pairwise(calls))
+    recorded = [v for v in rec.stats.verdicts if v.stage is Stage.OUTPUT]
+    assert len(recorded) == len(calls) - escalations
+    assert rec.stats.prefilter.count("escalated") == escalations >= escalated
+    assert len(short) - escalated <= rec.stats.prefilter.count("prefilter") <= len(recorded) - escalations
 
 
 async def test_output_verdict_stops_the_stream(served: Served, model_dir: Path) -> None:

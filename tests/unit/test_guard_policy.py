@@ -73,7 +73,15 @@ def test_tighten_applies_stricter_options() -> None:
     assert [c.code for c in stricter.categories][:6] == ["S1", "S2", "S3", "S4", "S5", "S6"]
     assert (stricter.input_threshold, stricter.output_threshold) == (0.2, 0.6)
     assert stricter.release_window_tokens == 4
+    assert stricter.output_prefilter_below == BASE.output_prefilter_below  # output threshold unchanged
     assert BASE.tighten(PolicyOptions()) == BASE
+
+
+def test_a_lower_output_threshold_lowers_the_prefilter_bar_in_proportion() -> None:
+    base = Policy(output_threshold=0.5, output_prefilter_below=0.002)
+    assert base.tighten(PolicyOptions(output_threshold=0.05)).output_prefilter_below == pytest.approx(0.0002)
+    assert base.tighten(PolicyOptions(output_threshold=0.0)).output_prefilter_below == 0.0  # never settles
+    assert base.tighten(PolicyOptions(input_threshold=0.1)).output_prefilter_below == 0.002
 
 
 def test_tighten_can_enable_a_category_the_deployment_did_not() -> None:

@@ -303,6 +303,29 @@ async def test_prefilter_escalates_and_the_full_tail_decides() -> None:
     assert guard.stats.prefilter_passes == 0 and guard.stats.judge_calls == 7
 
 
+async def test_each_check_reports_one_deciding_verdict_and_how_it_was_read() -> None:
+    # check 1: one read (the short tail would be the whole text); check 2: settled by the short tail;
+    # check 3: escalated (short 0.3), the full read decides and its latency covers both reads
+    script = [(True, 0.0), (True, 0.001), (True, 0.3), (False, 0.9)]
+    latencies = iter([0.001, 0.002, 0.004, 0.008])
+    decisions: list[tuple[Verdict, str]] = []
+
+    async def judge(text: str) -> Verdict:
+        safe, score = script.pop(0)
+        return Verdict(safe, () if safe else ("S1",), score, "fake", Stage.OUTPUT, latency=next(latencies))
+
+    guard = text_stream_guard(judge, window=2, context_chars=10, prefilter_chars=4, prefilter_below=0.02,
+                              on_decision=lambda v, read: decisions.append((v, read)))
+    for piece in ("abcd", "efgh", "ij", "kl", "mn", "op"):
+        await guard.feed(piece)
+    assert [read for _, read in decisions] == ["full", "prefilter", "escalated"]
+    assert [v.score for v, _ in decisions] == [0.0, 0.001, 0.9]
+    assert decisions[2][0].latency == pytest.approx(0.012) and guard.verdict == decisions[2][0]
+    assert guard.blocked
+    s = guard.stats
+    assert (s.checks, s.judge_calls, s.prefilter_passes, s.prefilter_escalations) == (3, 4, 1, 1)
+
+
 async def test_prefilter_error_verdict_escalates() -> None:
     calls: list[str] = []
 

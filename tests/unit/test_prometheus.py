@@ -157,6 +157,18 @@ def test_guard_decisions_have_bounded_category_labels() -> None:
     assert category_labels(Verdict(False, ("S9", "S1", "S1"))) == ("S1", "S9")
 
 
+def test_prefilter_outcomes_are_counted_from_zero() -> None:
+    sink = PrometheusSink(CollectorRegistry(), process_metrics=False)
+    s = sample_values(sink.registry)
+    assert value(s, "sluice_guard_prefilter_checks_total", outcome="prefilter") == 0
+    assert value(s, "sluice_guard_prefilter_checks_total", outcome="escalated") == 0
+    for outcome in ("prefilter", "prefilter", "escalated"):
+        sink.record_prefilter(outcome)
+    s = sample_values(sink.registry)
+    assert value(s, "sluice_guard_prefilter_checks_total", outcome="prefilter") == 2
+    assert value(s, "sluice_guard_prefilter_checks_total", outcome="escalated") == 1
+
+
 def test_engine_gauges_are_read_at_scrape_time() -> None:
     sink = PrometheusSink(CollectorRegistry(), guard_backend="classifier", process_metrics=False)
     assert value(sample_values(sink.registry), "sluice_requests_running") == 0  # no engine yet: no sample
