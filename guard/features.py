@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +64,28 @@ class FeatureExtractor(Protocol):
 
         Returns:
             A batch whose `owners` map rows back to `texts`.
+        """
+        ...
+
+
+@runtime_checkable
+class WindowedExtractor(FeatureExtractor, Protocol):
+    """An extractor whose work splits into token windows, so a long text can be encoded a slice at a time
+    (`ClassifierModerator` then lets other queued checks run between the slices of a long one)."""
+
+    def windows(self, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        """Tokenize `texts` into windows (blocking).
+
+        Returns:
+            (windows, owners): token id lists, each at most the encoder's window, and the text owning each.
+        """
+        ...
+
+    def encode_windows(self, windows: Sequence[Sequence[int]]) -> FloatArray:
+        """Encode windows (blocking).
+
+        Returns:
+            (len(windows), dim) vectors, in order.
         """
         ...
 

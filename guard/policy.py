@@ -42,6 +42,10 @@ DEFAULT_OUTPUT_PREFILTER_CHARS = 192
 DEFAULT_OUTPUT_PREFILTER_BELOW = 0.002
 # A guard check that takes longer than this is treated as a backend error (then fail-open/closed).
 DEFAULT_TIMEOUT_SECONDS = 2.0
+# Most characters one Moderate call may send (all messages). The embedded classifier's int8 encoder takes
+# ~36 ms per 1,000 characters on one core (2026-11-29), so this is ~1.2 s: within DEFAULT_TIMEOUT_SECONDS,
+# and a client cannot hold the encoder that every stream's output checks share with megabytes of text.
+DEFAULT_MAX_MODERATE_CHARS = 32_768
 ERROR_BACKEND = "error"
 
 

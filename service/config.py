@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from guard.policy import (
     DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
+    DEFAULT_MAX_MODERATE_CHARS,
     DEFAULT_OUTPUT_CONTEXT_CHARS,
     DEFAULT_OUTPUT_PREFILTER_BELOW,
     DEFAULT_OUTPUT_PREFILTER_CHARS,
@@ -222,6 +223,11 @@ class GuardConfig:
     timeout_seconds: float = field(
         default=DEFAULT_TIMEOUT_SECONDS,
         metadata=_doc("A guard check taking longer counts as failed.", low=0, low_open=True),
+    )
+    max_moderate_chars: int = field(
+        default=DEFAULT_MAX_MODERATE_CHARS,
+        metadata=_doc("Most characters (all messages) one Moderate call may send; more get INVALID_ARGUMENT.",
+                      low=1),
     )
 
 

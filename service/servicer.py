@@ -137,7 +137,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             limits=generation_pb2.Limits(
                 default_max_new_tokens=lim.default_max_new_tokens, max_new_tokens_cap=lim.max_new_tokens_cap,
                 max_stop_sequences=lim.max_stop_sequences, max_stop_chars=lim.max_stop_chars,
-                max_messages=lim.max_messages, max_top_logprobs=lim.max_top_logprobs)))
+                max_messages=lim.max_messages, max_top_logprobs=lim.max_top_logprobs,
+                max_moderate_chars=lim.max_moderate_chars)))
 
 
 class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from guard.policy import PolicyError
+from guard.policy import DEFAULT_MAX_MODERATE_CHARS, PolicyError
 from guard.taxonomy import CODE_RE
 from service._pb.sluice.v1 import common_pb2, generation_pb2, moderation_pb2
 from service.config import Config, GuardBackend
@@ -68,6 +68,7 @@ class Limits:
         max_stop_chars: the longest stop string, in characters.
         max_messages: the most chat messages per request.
         max_top_logprobs: the largest accepted top_logprobs.
+        max_moderate_chars: the most characters (all messages together) one Moderate call may send.
         guard_enabled: False when the server runs without a guard (GuardOptions then fail).
         categories: every category code the guard knows; None checks only the code syntax.
     """
@@ -78,6 +79,7 @@ class Limits:
     max_stop_chars: int = MAX_STOP_CHARS
     max_messages: int = MAX_MESSAGES
     max_top_logprobs: int = MAX_TOP_LOGPROBS
+    max_moderate_chars: int = DEFAULT_MAX_MODERATE_CHARS
     guard_enabled: bool = True
     categories: frozenset[str] | None = None
 
@@ -95,6 +97,7 @@ def limits_from_config(config: Config, categories: frozenset[str] | None = None)
     return Limits(
         default_max_new_tokens=config.engine.default_max_new_tokens,
         max_new_tokens_cap=config.engine.max_new_tokens_cap,
+        max_moderate_chars=config.guard.max_moderate_chars,
         guard_enabled=config.guard.backend is not GuardBackend.NONE,
         categories=categories,
     )
@@ -156,6 +159,10 @@ def validate_moderate(request: moderation_pb2.ModerateRequest, limits: Limits) -
     _check_messages("messages", request.messages, limits, require_user_last=False)
     if all(m.role == common_pb2.CHAT_ROLE_SYSTEM for m in request.messages):
         raise validation_error("messages", "must contain a user or assistant message")
+    chars = sum(len(m.content) for m in request.messages)
+    if chars > limits.max_moderate_chars:
+        raise validation_error("messages", f"hold {chars} characters in all, at most {limits.max_moderate_chars} "
+                                           "(guard.max_moderate_chars)")
     if request.role not in _MODERATION_ROLES:
         allowed = "MODERATION_ROLE_USER or MODERATION_ROLE_AGENT"
         raise validation_error("role", f"must be {allowed}, got {request.role}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guard.features import FeatureBatch, FeatureExtractor, FloatArray, max_per_owner
+from guard.features import FeatureBatch, FeatureExtractor, FloatArray, WindowedExtractor, max_per_owner
 from guard.moderator import Message, Role, Stage, Verdict
 from guard.worker import DEFAULT_PRIORITY, URGENT, PriorityWorker
 
@@ -32,6 +32,21 @@ _ROLE_OF = {Role.USER: "user", Role.AGENT: "assistant"}
 # output checks (each holds only a window's release while the engine keeps generating). Moderate calls queue
 # with output checks: they are not bounded by the engine's admission, so they must not starve running streams.
 STAGE_PRIORITY = {Stage.INPUT: URGENT, Stage.OUTPUT: DEFAULT_PRIORITY, Stage.MODERATE: DEFAULT_PRIORITY}
+# On a `PriorityWorker`, a windowed extractor encodes a long text's windows in slices of at most this many
+# tokens, each a separate call: calls queued meanwhile (other streams' output checks, input verdicts) run
+# between the slices, so one long text holds the encoder for one slice at a time instead of its whole length
+# (a 256-token window is ~40 ms; 100,000 characters ~3.6 s), and a call that timed out or was cancelled stops
+# after its current slice. A typical check (one window) is still one call.
+SLICE_TOKENS = 512
+
+
+def slice_end(windows: Sequence[Sequence[int]], start: int, budget: int = SLICE_TOKENS) -> int:
+    """End (exclusive) of the slice of `windows` from `start`: as many as fit in `budget` tokens, at least one."""
+    end, used = start, 0
+    while end < len(windows) and (end == start or used + len(windows[end]) <= budget):
+        used += len(windows[end])
+        end += 1
+    return end
 
 
 @dataclass(frozen=True)
@@ -246,12 +261,35 @@ class ClassifierModerator:
         """
         started = time.perf_counter()
         texts = texts_to_judge(conversation, role, stage)
-        if isinstance(self._executor, PriorityWorker):
+        if isinstance(self._executor, PriorityWorker) and texts and isinstance(self._extractor, WindowedExtractor):
+            scores = await self._score_in_slices(self._executor, self._extractor, STAGE_PRIORITY[stage], texts)
+        elif isinstance(self._executor, PriorityWorker):
             job = self._executor.submit_at(STAGE_PRIORITY[stage], self.score_texts, texts)
             scores = await asyncio.wrap_future(job)
         else:
             scores = await asyncio.get_running_loop().run_in_executor(self._executor, self.score_texts, texts)
         return self.verdict(scores, role, stage, time.perf_counter() - started)
+
+    async def _score_in_slices(self, worker: PriorityWorker, extractor: WindowedExtractor, priority: int,
+                               texts: Sequence[str]) -> FloatArray:
+        """`score_texts` as calls of at most `SLICE_TOKENS` tokens each on `worker` (see `SLICE_TOKENS`)."""
+
+        def first_slice() -> tuple[list[list[int]], list[int], FloatArray]:
+            windows, owners = extractor.windows(texts)
+            return windows, owners, extractor.encode_windows(windows[: slice_end(windows, 0)])
+
+        windows, owners, first = await asyncio.wrap_future(worker.submit_at(priority, first_slice))
+        # Urgency buys the first slice only (all of a typical prompt): a long text's later slices take turns
+        # with the output checks, so a huge input cannot starve the running streams' checks into timeouts.
+        later = max(priority, DEFAULT_PRIORITY)
+        parts, done = [first], len(first)
+        while done < len(windows):
+            end = slice_end(windows, done)
+            parts.append(await asyncio.wrap_future(worker.submit_at(later, extractor.encode_windows,
+                                                                    windows[done:end])))
+            done = end
+        owner_arr = np.asarray(owners, dtype=np.int64)
+        return self.score_batch(FeatureBatch(np.concatenate(parts), owner_arr, len(texts)))
 
 
 def load_metadata(head_path: Path) -> dict[str, object]:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import time
@@ -225,3 +226,37 @@ async def test_moderate_judges_user_and_agent_turns(served: Served, model_dir: P
     assert not bad.verdict.safe and bad.verdict.categories
     assert good.verdict.safe and answer.verdict.safe
     assert good.verdict.backend == "classifier"
+
+
+async def test_long_moderate_calls_do_not_starve_a_streams_output_checks(served: Served, model_dir: Path) -> None:
+    # The encoder is shared: a Moderate call near the size limit takes ~1 s of it, longer than this server's
+    # guard timeout (0.5 s). Its text is encoded in slices that take turns with the stream's output checks,
+    # so the checks are never stuck behind it into a timeout (which would fail closed and end the stream),
+    # and a timed-out call stops after its current slice.
+    text = "Please summarise the minutes of the committee meeting about the new library opening hours. " * 330
+    assert len(text) <= 32_768
+    async with guarded(served, model_dir, "--guard-timeout-seconds", "0.5") as (target, rec), \
+            grpc.aio.insecure_channel(target) as ch:
+        stub = moderation_pb2_grpc.ModerationServiceStub(ch)
+        long_call = moderation_pb2.ModerateRequest(messages=[common_pb2.ChatMessage(
+            role=common_pb2.CHAT_ROLE_USER, content=text)])
+        generating = asyncio.create_task(stream(target, chat("Write a short poem about rivers.",
+                                                            max_new_tokens=48)))
+        answers = []
+        while not generating.done():
+            answers.append(await stub.Moderate(long_call, timeout=WAIT_SECONDS))
+        chunks, final = await generating
+        too_long = moderation_pb2.ModerateRequest(messages=[common_pb2.ChatMessage(
+            role=common_pb2.CHAT_ROLE_USER, content="x" * 32_769)])
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Moderate(too_long, timeout=WAIT_SECONDS)
+        info = await generation_pb2_grpc.GenerationServiceStub(ch).GetModelInfo(
+            generation_pb2.GetModelInfoRequest(), timeout=WAIT_SECONDS)
+    assert final.finish_reason != generation_pb2.FINISH_REASON_CONTENT_FILTER, final
+    assert final.output_verdict.safe and not final.output_verdict.error and chunks
+    assert answers and all(not a.verdict.safe for a in answers if a.verdict.error)  # a timeout fails closed
+    outputs = [v for stage, _, v, _ in rec.calls if stage is Stage.OUTPUT]
+    assert outputs and all(not v.error for v in outputs)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 32768 (guard.max_moderate_chars)" in (err.value.details() or "")
+    assert info.model_info.limits.max_moderate_chars == 32_768

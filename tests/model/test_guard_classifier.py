@@ -12,6 +12,7 @@ import pytest
 from guard.backends.classifier import ClassifierModerator, load_head, load_metadata
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
+from guard.worker import PriorityWorker
 from tools import encoder_reference, export_encoder
 from tools.gguf_model import sha256_of
 
@@ -77,6 +78,23 @@ def test_long_text_is_split_into_windows(encoder: MiniLMEncoder) -> None:
     assert all(len(w) <= 256 for w in windows)
     batch = encoder.extract(["short", long_text])
     assert batch.vectors.shape == (len(owners), encoder.dim)
+
+
+async def test_sliced_scoring_on_the_worker_matches_scoring_in_one_call(guard_encoder: MiniLMEncoder) -> None:
+    # A long conversation (several windows per turn, turns of both roles) judged on the PriorityWorker, where
+    # it is encoded in slices, gets the scores of one blocking call.
+    worker = PriorityWorker("t-sliced")
+    sliced = ClassifierModerator(guard_encoder, load_head(HEAD_PATH), worker)
+    text = " ".join(["How do I kill a Python process that is stuck on a lock?"] * 60)
+    conversation = [Message("user", text), Message("assistant", "Use kill -9."), Message("user", HARMFUL[0])]
+    windows, _ = guard_encoder.windows([text])
+    assert len(windows) >= 3
+    alone = await sliced.moderate(conversation[:1], Role.USER, Stage.INPUT)
+    assert alone.score == pytest.approx(float(sliced.score_texts([text])[0, 0]), abs=1e-6)
+    verdict = await sliced.moderate(conversation, Role.USER, Stage.INPUT)
+    scores = sliced.score_texts([text, HARMFUL[0]])
+    assert verdict.score == pytest.approx(float(scores[:, 0].max()), abs=1e-6) and not verdict.safe
+    worker.shutdown()
 
 
 HARMFUL = [

@@ -6,15 +6,16 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from concurrent.futures import CancelledError, Future
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from guard.backends.classifier import ClassifierModerator
+from guard.backends.classifier import ClassifierModerator, slice_end
 from guard.features import FeatureBatch
 from guard.moderator import Role, Stage
 from guard.worker import DEFAULT_PRIORITY, URGENT, PriorityWorker
-from tests.unit.test_classifier import FakeExtractor, conv, tiny_head
+from tests.unit.test_classifier import FakeExtractor, conv, sig, tiny_head
 
 
 def blocked(worker: PriorityWorker) -> tuple[threading.Event, Future[None]]:
@@ -141,4 +142,100 @@ async def test_classifier_cancelled_check_leaves_the_queue() -> None:
     v = await moderator.moderate(conv(("user", "bad")), Role.USER, Stage.INPUT)
     assert not v.safe and extractor.order == ["bad"]
     assert np.isfinite(v.score)
+    worker.shutdown()
+
+
+class WindowedFake(FakeExtractor):
+    """FakeExtractor as a `WindowedExtractor`: each word is one 300-token window (so a slice holds one),
+    whose vector is the word's; records the words it encodes, and can hold the encoder on a word."""
+
+    def __init__(self, hold_on: str | None = None) -> None:
+        super().__init__()
+        self.order: list[str] = []
+        self.words: list[str] = []
+        self.hold_on = hold_on
+        self.holding, self.release = threading.Event(), threading.Event()
+
+    def windows(self, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        windows, owners = [], []
+        for i, text in enumerate(texts):
+            for word in text.split():
+                self.words.append(word)
+                windows.append([len(self.words) - 1] * 300)
+                owners.append(i)
+        return windows, owners
+
+    def encode_windows(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
+        rows = []
+        for w in windows:
+            word = self.words[w[0]]
+            self.order.append(word)
+            if word == self.hold_on and not self.holding.is_set():
+                self.holding.set()
+                self.release.wait(5)
+            rows.append(self.VECTORS[word])
+        return np.asarray(rows, dtype=np.float32)
+
+
+async def wait_for_event(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, 5)
+
+
+async def test_a_long_text_is_encoded_in_slices_that_let_queued_checks_run_between() -> None:
+    worker = PriorityWorker("t-slices")
+    extractor = WindowedFake(hold_on="fine")
+    moderator = ClassifierModerator(extractor, tiny_head(), worker)
+    long = asyncio.create_task(moderator.moderate(conv(("user", "fine meh meh bad")), Role.USER, Stage.MODERATE))
+    await wait_for_event(extractor.holding)  # the long text's first slice holds the encoder
+    check = asyncio.create_task(moderator.moderate(conv(("assistant", "meh")), Role.AGENT, Stage.OUTPUT))
+    await asyncio.sleep(0.05)
+    extractor.release.set()
+    verdict, checked = await asyncio.gather(long, check)
+    # the check queued during the first slice ran before the long text's second slice
+    assert extractor.order == ["fine", "meh", "meh", "meh", "bad"]
+    assert not verdict.safe and verdict.score == pytest.approx(sig(1), rel=1e-6)  # its worst window decides
+    assert checked.safe
+    direct = ClassifierModerator(FakeExtractor(), tiny_head())  # unsliced: the same verdict
+    unsliced = await direct.moderate(conv(("user", "fine meh meh bad")), Role.USER, Stage.MODERATE)
+    assert replace(unsliced, latency=0.0) == replace(verdict, latency=0.0)
+    worker.shutdown()
+
+
+async def test_a_timed_out_long_text_stops_after_its_current_slice() -> None:
+    worker = PriorityWorker("t-slices-timeout")
+    extractor = WindowedFake(hold_on="fine")
+    moderator = ClassifierModerator(extractor, tiny_head(), worker)
+    long = asyncio.create_task(moderator.moderate(conv(("user", "fine meh meh meh")), Role.USER, Stage.MODERATE))
+    await wait_for_event(extractor.holding)
+    long.cancel()  # e.g. FailSafeModerator's timeout
+    await asyncio.sleep(0)
+    extractor.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await long
+    worker.submit(lambda: None).result(5)  # whatever was queued has run
+    assert extractor.order == ["fine"]  # no slice after the one running when it was cancelled
+    worker.shutdown()
+
+
+def test_slices_hold_as_many_windows_as_fit_the_token_budget_and_at_least_one() -> None:
+    windows = [[0] * 256, [0] * 100, [0] * 150, [0] * 600, [0] * 10]
+    assert slice_end(windows, 0, 512) == 3  # 256 + 100 + 150
+    assert slice_end(windows, 3, 512) == 4  # one window over the budget still makes a slice
+    assert slice_end(windows, 4, 512) == 5
+    assert slice_end(windows, 0, 1) == 1
+
+
+async def test_only_the_first_slice_of_a_long_input_verdict_is_urgent() -> None:
+    worker = PriorityWorker("t-slices-urgent")
+    extractor = WindowedFake(hold_on="fine")
+    moderator = ClassifierModerator(extractor, tiny_head(), worker)
+    long_input = asyncio.create_task(moderator.moderate(conv(("user", "fine meh meh")), Role.USER, Stage.INPUT))
+    await wait_for_event(extractor.holding)
+    checks = [asyncio.create_task(moderator.moderate(conv(("assistant", "bad")), Role.AGENT, Stage.OUTPUT))
+              for _ in range(2)]
+    await asyncio.sleep(0.05)
+    extractor.release.set()
+    await asyncio.gather(long_input, *checks)
+    # both output checks were queued before its second slice: they run first, it does not jump them
+    assert extractor.order == ["fine", "bad", "bad", "meh", "meh"]
     worker.shutdown()

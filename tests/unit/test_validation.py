@@ -251,11 +251,21 @@ def test_moderate_rules() -> None:
         validate_moderate(moderate_request((USER, "q")), Limits(guard_enabled=False))
 
 
+def test_moderate_text_is_bounded_over_all_messages() -> None:
+    limits = Limits(max_moderate_chars=10)
+    validate_moderate(moderate_request((USER, "12345"), (ASSISTANT, "67890")), limits)  # exactly the bound
+    with pytest.raises(InvalidArgument) as caught:
+        validate_moderate(moderate_request((USER, "12345"), (ASSISTANT, "678901")), limits)
+    assert caught.value.field == "messages"
+    assert caught.value.message == "messages hold 11 characters in all, at most 10 (guard.max_moderate_chars)"
+
+
 def test_limits_from_config() -> None:
     config = load_config(["--max-new-tokens-cap", "512", "--guard-backend", "none"], {})
     limits = limits_from_config(config)
     assert limits.max_new_tokens_cap == 512 and limits.default_max_new_tokens == 256
-    assert limits.guard_enabled is False
+    assert limits.guard_enabled is False and limits.max_moderate_chars == 32_768
+    assert limits_from_config(load_config(["--guard-max-moderate-chars", "100"], {})).max_moderate_chars == 100
 
 
 def test_policy_errors_become_field_errors() -> None:
