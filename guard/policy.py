@@ -46,6 +46,8 @@ DEFAULT_TIMEOUT_SECONDS = 2.0
 # ~36 ms per 1,000 characters on one core (2026-11-29), so this is ~1.2 s: within DEFAULT_TIMEOUT_SECONDS,
 # and a client cannot hold the encoder that every stream's output checks share with megabytes of text.
 DEFAULT_MAX_MODERATE_CHARS = 32_768
+# Moderate calls in progress at once; more are refused with RESOURCE_EXHAUSTED rather than queued.
+DEFAULT_MAX_MODERATE_CALLS = 64
 ERROR_BACKEND = "error"
 
 

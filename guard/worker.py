@@ -22,6 +22,7 @@ R = TypeVar("R")
 # Priorities used by the guard (lower runs first); `submit` uses DEFAULT_PRIORITY.
 URGENT = 0
 DEFAULT_PRIORITY = 1
+BACKGROUND = 2
 _LAST = 2**62  # the shutdown sentinel: after every queued call
 
 

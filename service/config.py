@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from guard.policy import (
     DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
+    DEFAULT_MAX_MODERATE_CALLS,
     DEFAULT_MAX_MODERATE_CHARS,
     DEFAULT_OUTPUT_CONTEXT_CHARS,
     DEFAULT_OUTPUT_PREFILTER_BELOW,
@@ -228,6 +229,10 @@ class GuardConfig:
         default=DEFAULT_MAX_MODERATE_CHARS,
         metadata=_doc("Most characters (all messages) one Moderate call may send; more get INVALID_ARGUMENT.",
                       low=1),
+    )
+    max_moderate_calls: int = field(
+        default=DEFAULT_MAX_MODERATE_CALLS,
+        metadata=_doc("Moderate calls in progress at once; more get RESOURCE_EXHAUSTED.", low=1),
     )
 
 

@@ -18,7 +18,7 @@ from service._pb.sluice.v1 import (
     moderation_pb2_grpc,
 )
 from service.engine.types import FinishReason
-from service.errors import DeadlineExceeded, GuardDisabled, Unavailable
+from service.errors import DeadlineExceeded, GuardDisabled, QueueFull, Unavailable
 from service.pipeline import Chunk, Final, Pipeline
 from service.validation import Limits, validate_generate, validate_moderate, validate_tokenize
 
@@ -36,6 +36,10 @@ class ServingInfo:
     has_chat_template: bool
     guard: generation_pb2.GuardInfo
     server_version: str
+
+
+# Status message of a Moderate call refused because guard.max_moderate_calls are in progress.
+MODERATION_FULL = "moderation is at capacity (guard.max_moderate_calls), retry later"
 
 
 class Lifecycle:
@@ -146,6 +150,7 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
         self.pipeline = pipeline
         self.limits = limits
         self.life = life
+        self.active = 0  # Moderate calls in progress (validated, not yet answered)
 
     async def Moderate(self, request: moderation_pb2.ModerateRequest,
                        context: Context) -> moderation_pb2.ModerateResponse:
@@ -154,6 +159,14 @@ class ModerationServicer(moderation_pb2_grpc.ModerationServiceServicer):
             raise GuardDisabled()  # the same message as GuardOptions on a guard-less server (docs/API.md)
         validate_moderate(request, self.limits)
         policy = self.pipeline.request_policy(convert.policy_options_from_proto(request.guard))
-        verdict = await self.pipeline.judge(convert.messages_from_proto(request.messages),
-                                            convert.moderation_role(request), Stage.MODERATE, policy)
+        # Bounded like the engine's queue: beyond the bound the caller learns at once and can go elsewhere,
+        # instead of queueing work that would only time out behind the streams' checks.
+        if self.active >= self.limits.max_moderate_calls:
+            raise QueueFull(MODERATION_FULL)
+        self.active += 1
+        try:
+            verdict = await self.pipeline.judge(convert.messages_from_proto(request.messages),
+                                                convert.moderation_role(request), Stage.MODERATE, policy)
+        finally:
+            self.active -= 1
         return moderation_pb2.ModerateResponse(verdict=convert.verdict_to_proto(verdict))

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from guard.policy import DEFAULT_MAX_MODERATE_CHARS, PolicyError
+from guard.policy import DEFAULT_MAX_MODERATE_CALLS, DEFAULT_MAX_MODERATE_CHARS, PolicyError
 from guard.taxonomy import CODE_RE
 from service._pb.sluice.v1 import common_pb2, generation_pb2, moderation_pb2
 from service.config import Config, GuardBackend
@@ -69,6 +69,7 @@ class Limits:
         max_messages: the most chat messages per request.
         max_top_logprobs: the largest accepted top_logprobs.
         max_moderate_chars: the most characters (all messages together) one Moderate call may send.
+        max_moderate_calls: Moderate calls in progress at once; more are refused (RESOURCE_EXHAUSTED).
         guard_enabled: False when the server runs without a guard (GuardOptions then fail).
         categories: every category code the guard knows; None checks only the code syntax.
     """
@@ -80,6 +81,7 @@ class Limits:
     max_messages: int = MAX_MESSAGES
     max_top_logprobs: int = MAX_TOP_LOGPROBS
     max_moderate_chars: int = DEFAULT_MAX_MODERATE_CHARS
+    max_moderate_calls: int = DEFAULT_MAX_MODERATE_CALLS
     guard_enabled: bool = True
     categories: frozenset[str] | None = None
 
@@ -98,6 +100,7 @@ def limits_from_config(config: Config, categories: frozenset[str] | None = None)
         default_max_new_tokens=config.engine.default_max_new_tokens,
         max_new_tokens_cap=config.engine.max_new_tokens_cap,
         max_moderate_chars=config.guard.max_moderate_chars,
+        max_moderate_calls=config.guard.max_moderate_calls,
         guard_enabled=config.guard.backend is not GuardBackend.NONE,
         categories=categories,
     )

@@ -24,14 +24,15 @@ import numpy as np
 
 from guard.features import FeatureBatch, FeatureExtractor, FloatArray, WindowedExtractor, max_per_owner
 from guard.moderator import Message, Role, Stage, Verdict
-from guard.worker import DEFAULT_PRIORITY, URGENT, PriorityWorker
+from guard.worker import BACKGROUND, DEFAULT_PRIORITY, URGENT, PriorityWorker
 
 BACKEND_NAME = "classifier"
 _ROLE_OF = {Role.USER: "user", Role.AGENT: "assistant"}
 # On a `PriorityWorker`, an input verdict (a request waits for it before its first token) overtakes queued
-# output checks (each holds only a window's release while the engine keeps generating). Moderate calls queue
-# with output checks: they are not bounded by the engine's admission, so they must not starve running streams.
-STAGE_PRIORITY = {Stage.INPUT: URGENT, Stage.OUTPUT: DEFAULT_PRIORITY, Stage.MODERATE: DEFAULT_PRIORITY}
+# output checks (each holds only a window's release while the engine keeps generating), and both overtake
+# queued Moderate calls: those are not bounded by the engine's admission, so however many other services send,
+# they cannot starve the running streams' checks into timeouts (a starved Moderate call times out itself).
+STAGE_PRIORITY = {Stage.INPUT: URGENT, Stage.OUTPUT: DEFAULT_PRIORITY, Stage.MODERATE: BACKGROUND}
 # On a `PriorityWorker`, a windowed extractor encodes a long text's windows in slices of at most this many
 # tokens, each a separate call: calls queued meanwhile (other streams' output checks, input verdicts) run
 # between the slices, so one long text holds the encoder for one slice at a time instead of its whole length

@@ -260,3 +260,27 @@ async def test_long_moderate_calls_do_not_starve_a_streams_output_checks(served:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "at most 32768 (guard.max_moderate_chars)" in (err.value.details() or "")
     assert info.model_info.limits.max_moderate_chars == 32_768
+
+
+async def test_moderate_calls_beyond_the_bound_are_refused_at_once(served: Served, model_dir: Path) -> None:
+    text = "Please summarise the minutes of the committee meeting about the new library opening hours. " * 300
+    async with guarded(served, model_dir, "--guard-max-moderate-calls", "2") as (target, _), \
+            grpc.aio.insecure_channel(target) as ch:
+        stub = moderation_pb2_grpc.ModerationServiceStub(ch)
+
+        async def moderate(content: str) -> moderation_pb2.ModerateResponse | grpc.aio.AioRpcError:
+            req = moderation_pb2.ModerateRequest(messages=[common_pb2.ChatMessage(
+                role=common_pb2.CHAT_ROLE_USER, content=content)])
+            try:
+                return await stub.Moderate(req, timeout=WAIT_SECONDS)
+            except grpc.aio.AioRpcError as e:
+                return e
+
+        # each long call takes the encoder ~1 s, so the three are in progress together
+        results = await asyncio.gather(*(moderate(text) for _ in range(3)))
+        after = await moderate(BENIGN)  # the bound counts calls in progress: freed once they answer
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == 1, results
+    assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused[0].details() == "moderation is at capacity (guard.max_moderate_calls), retry later"
+    assert isinstance(after, moderation_pb2.ModerateResponse) and after.verdict.safe

@@ -129,6 +129,22 @@ async def test_classifier_input_verdicts_overtake_queued_output_checks() -> None
     worker.shutdown()
 
 
+async def test_classifier_moderate_calls_wait_for_queued_checks_of_running_streams() -> None:
+    worker = PriorityWorker("t-guard-moderate")
+    extractor = GatedExtractor()
+    moderator = ClassifierModerator(extractor, tiny_head(), worker)
+    gate, _ = blocked(worker)
+    moderate = [asyncio.create_task(moderator.moderate(conv(("user", "meh meh")), Role.USER, Stage.MODERATE))
+                for _ in range(3)]
+    await asyncio.sleep(0.05)
+    output = asyncio.create_task(moderator.moderate(conv(("assistant", "fine")), Role.AGENT, Stage.OUTPUT))
+    await asyncio.sleep(0.05)  # all queued: three Moderate calls first, then a stream's output check
+    gate.set()
+    await asyncio.gather(*moderate, output)
+    assert extractor.order == ["fine", "meh meh", "meh meh", "meh meh"]
+    worker.shutdown()
+
+
 async def test_classifier_cancelled_check_leaves_the_queue() -> None:
     worker = PriorityWorker("t-guard-cancel")
     extractor = GatedExtractor()
