@@ -148,13 +148,20 @@ def do_not_answer(root: Path) -> Iterator[Example]:
             yield _ex(row["prompt"], bool(cats), tuple(cats), "do_not_answer", area)
 
 
+# Self-Instruct seed tasks that ask for a named person's private data: unsafe (S7) under Llama Guard 3's
+# Privacy category, not the benign instructions the rest of the set is (label noise found in the third
+# data round: they were among the highest-scoring "ordinary" rows).
+_SELF_INSTRUCT_PRIVACY = re.compile(r"^(Return the SSN number for the person|Give me the address of this person)")
+
+
 def self_instruct(root: Path) -> Iterator[Example]:
     for name in ("seed_tasks.jsonl", "user_oriented_instructions.jsonl"):
         for line in (root / "benign/self_instruct" / name).read_text().splitlines():
             row = json.loads(line)
             inst = row["instances"][0] if row["instances"] else {"input": "", "output": ""}
             text = f"{row['instruction']}\n\n{inst['input']}" if inst["input"] else row["instruction"]
-            yield _ex(text, False, (), "self_instruct", name.split("_")[0])
+            private = bool(_SELF_INSTRUCT_PRIVACY.match(text))
+            yield _ex(text, private, ("S7",) if private else (), "self_instruct", name.split("_")[0])
             if len(inst.get("output", "")) > 40:  # a safe assistant answer for the output side
                 yield _ex(inst["output"], False, (), "self_instruct", "output", role="Agent")
 

@@ -228,38 +228,44 @@ def oof_scores(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
     return out
 
 
-ORDINARY_SOURCES = frozenset({"self_instruct", "own_ordinary"})  # everyday traffic; every other safe source
-# is borderline (safe rows written or collected because they look alarming)
+# Everyday traffic (instructions, casual queries, requests with personal context); every other safe source is
+# borderline (safe rows written or collected because they look alarming).
+ORDINARY_SOURCES = frozenset({"self_instruct", "own_ordinary", "own_casual_ordinary", "own_personal_context"})
 
 
 def choose_threshold(examples: Sequence[Example], overall: FloatArray, ordinary_fpr: float,
                      borderline_fpr: float) -> float:
     """The lowest threshold within both false-positive budgets, mirroring the issue's two targets.
 
-    Ordinary instructions (`ORDINARY_SOURCES`, pooled) may be flagged at most `ordinary_fpr`; every other
-    source's safe user prompts (borderline sets), each separately so that a big easy source cannot hide a
-    hard small one, at most `borderline_fpr`. Safe Agent turns are measured, not budgeted: refusals that
-    name a weapon are the head's known weakness and would otherwise set the threshold for every prompt.
-    The lowest such threshold keeps recall as high as the budgets allow.
+    The safe rows of every ordinary-traffic source (`ORDINARY_SOURCES`: prompts, and Self-Instruct's reference
+    answers, since one threshold serves the input and the output stage) may be flagged at most `ordinary_fpr`,
+    and the safe user prompts of every other source (borderline sets) at most `borderline_fpr`, each source
+    separately so that a big easy source cannot hide a hard small one (pooled, the casual queries and
+    personal-context requests added in the third data round let Self-Instruct's FPR rise to 0.074; budgeting
+    user prompts only let benign answers' FPR rise from 0.07 to 0.12). Other safe Agent turns are measured, not
+    budgeted: refusals that name a weapon are the head's known weakness and would otherwise set the threshold
+    for every prompt. The lowest such threshold keeps recall as high as the budgets allow.
 
     Args:
         examples: rows with sources.
         overall: (n,) out-of-fold overall scores.
-        ordinary_fpr: FPR budget on ordinary instructions.
+        ordinary_fpr: FPR budget on each ordinary source.
         borderline_fpr: FPR budget on each borderline safe source.
 
     Returns:
         The threshold.
     """
     safe = np.array([not ex.unsafe for ex in examples])
-    ordinary = safe & np.array([ex.source in ORDINARY_SOURCES for ex in examples])
     user = np.array([ex.role == "User" for ex in examples])
-    borderline = [safe & user & np.array([ex.source == s for ex in examples])
-                  for s in sorted({ex.source for ex in examples if ex.source not in ORDINARY_SOURCES})]
-    borderline = [m for m in borderline if m.any()]
+    budgets = []
+    for source in sorted({ex.source for ex in examples}):
+        m = safe & np.array([ex.source == source for ex in examples])
+        if source not in ORDINARY_SOURCES:
+            m &= user
+        if m.any():
+            budgets.append((m, ordinary_fpr if source in ORDINARY_SOURCES else borderline_fpr))
     for t in np.linspace(0.05, 0.95, 181):
-        ok_ordinary = not ordinary.any() or (overall[ordinary] >= t).mean() <= ordinary_fpr
-        if ok_ordinary and all((overall[m] >= t).mean() <= borderline_fpr for m in borderline):
+        if all((overall[m] >= t).mean() <= budget for m, budget in budgets):
             return float(t)
     return 0.95
 

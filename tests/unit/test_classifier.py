@@ -191,7 +191,7 @@ def test_fit_separates_a_toy_problem() -> None:
 
 
 def test_choose_threshold_respects_both_fpr_budgets() -> None:
-    ex = [Example("a", False, source="self_instruct"), Example("b", False, source="own_ordinary"),
+    ex = [Example("a", False, source="self_instruct"), Example("b", False, source="self_instruct"),
           Example("c", False, source="B"), Example("d", False, source="B"), Example("e", True, source="C")]
     # ordinary rows score 0.2 and 0.6; borderline source B scores 0.3 and 0.8; the unsafe row 0.9
     scores = np.array([0.2, 0.6, 0.3, 0.8, 0.9])
@@ -205,6 +205,14 @@ def test_choose_threshold_respects_both_fpr_budgets() -> None:
     # safe Agent turns are measured, not budgeted: a refusal scoring 0.88 does not move the threshold
     refusal = Example("f", False, role="Agent", source="B")
     assert choose_threshold([*ex, refusal], np.r_[scores, 0.88], ordinary_fpr=0.5, borderline_fpr=0.5) == t
+
+
+def test_each_ordinary_source_has_its_own_budget() -> None:
+    # a big easy ordinary source (20 rows at 0.1) cannot hide a small hard one (2 rows, one at 0.7)
+    ex = [Example(f"e{i}", False, source="own_casual_ordinary") for i in range(20)]
+    ex += [Example("h1", False, source="self_instruct"), Example("h2", False, source="self_instruct")]
+    scores = np.r_[np.full(20, 0.1), 0.2, 0.7]
+    assert 0.7 < choose_threshold(ex, scores, ordinary_fpr=0.1, borderline_fpr=0.5) <= 0.75  # pooled: 1/22 < 0.1
 
 
 def test_label_mapping_rules() -> None:

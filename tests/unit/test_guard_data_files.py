@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = sorted((ROOT / "data" / "guard").glob("*.jsonl"))
 EVAL = sorted((ROOT / "data" / "guard_eval").glob("*.jsonl"))
+PAIRED = [p for p in EVAL if p.stem.endswith("_round3")]  # contrast pairs; casual_ordinary.jsonl is all safe
 CODES = {f"S{i}" for i in range(1, 15)}
 
 
@@ -38,8 +39,8 @@ def test_rows_are_well_formed(path: Path) -> None:
 
 
 def test_evaluation_pairs_are_one_safe_and_one_unsafe() -> None:
-    assert EVAL, "data/guard_eval is empty"
-    for path in EVAL:
+    assert len(PAIRED) == 2, "data/guard_eval lacks its contrast pairs"
+    for path in PAIRED:
         by_topic: dict[str, list[str]] = {}
         for row in rows(path):
             by_topic.setdefault(str(row["topic"]), []).append(str(row["label"]))
