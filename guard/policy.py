@@ -42,6 +42,10 @@ DEFAULT_OUTPUT_PREFILTER_CHARS = 192
 DEFAULT_OUTPUT_PREFILTER_BELOW = 0.002
 # A guard check that takes longer than this is treated as a backend error (then fail-open/closed).
 DEFAULT_TIMEOUT_SECONDS = 2.0
+# `timeout_seconds` covers a conversation of up to this many characters; a longer one gets proportionally
+# more (a judge's work grows with the text: the embedded classifier's int8 encoder takes ~0.3 s of one core
+# per 8,192 characters, so a fixed 2 s made long prompts fail closed under load, never slow backends faster).
+TIMEOUT_CHARS = 8_192
 # Most characters one Moderate call may send (all messages). The embedded classifier's int8 encoder takes
 # ~36 ms per 1,000 characters on one core (2026-11-29), so this is ~1.2 s: within DEFAULT_TIMEOUT_SECONDS,
 # and a client cannot hold the encoder that every stream's output checks share with megabytes of text.
@@ -100,7 +104,8 @@ class Policy:
         output_prefilter_below: the prefilter's safe verdict settles a check when its score is below this;
             otherwise the `output_context_chars` tail is judged and decides. A request that lowers
             `output_threshold` lowers this bar in the same proportion (`tighten`).
-        timeout_seconds: longest a single check may take before it counts as a backend error.
+        timeout_seconds: longest a single check of up to `TIMEOUT_CHARS` characters may take before it counts
+            as a backend error; a longer conversation gets proportionally more (`FailSafeModerator`).
     """
 
     enabled: tuple[str, ...] = BUILTIN_CODES
@@ -360,6 +365,12 @@ class FailSafeModerator:
         """The policy applied on errors and timeouts."""
         return self._policy
 
+    def timeout_for(self, conversation: Sequence[Message]) -> float:
+        """Seconds a check of `conversation` may take: `timeout_seconds` per `TIMEOUT_CHARS` characters of all
+        its turns, at least `timeout_seconds` (every backend reads at most the whole conversation)."""
+        chars = sum(len(m.content) for m in conversation)
+        return self._policy.timeout_seconds * max(1.0, chars / TIMEOUT_CHARS)
+
     async def moderate(self, conversation: Sequence[Message], role: Role, stage: Stage) -> Verdict:
         """Judge with the inner moderator; errors and timeouts become the policy's error verdict.
 
@@ -375,7 +386,7 @@ class FailSafeModerator:
         start = self._clock()
         try:
             return await asyncio.wait_for(
-                self._inner.moderate(conversation, role, stage), self._policy.timeout_seconds
+                self._inner.moderate(conversation, role, stage), self.timeout_for(conversation)
             )
         except Exception as exc:  # any backend failure is a policy decision, logged and flagged error=True
             return self._policy.on_backend_error(stage, exc, latency=self._clock() - start)

@@ -223,7 +223,8 @@ class GuardConfig:
     )
     timeout_seconds: float = field(
         default=DEFAULT_TIMEOUT_SECONDS,
-        metadata=_doc("A guard check taking longer counts as failed.", low=0, low_open=True),
+        metadata=_doc("A guard check of up to 8192 characters taking longer counts as failed; longer "
+                      "conversations get proportionally more.", low=0, low_open=True),
     )
     max_moderate_chars: int = field(
         default=DEFAULT_MAX_MODERATE_CHARS,

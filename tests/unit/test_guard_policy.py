@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from guard.moderator import Message, Role, Stage, Verdict
-from guard.policy import FailSafeModerator, Policy, PolicyError, PolicyOptions
+from guard.policy import TIMEOUT_CHARS, FailSafeModerator, Policy, PolicyError, PolicyOptions
 from guard.prompt import ConversationError
 from guard.taxonomy import BUILTIN_CODES, custom_categories
 
@@ -179,6 +179,27 @@ async def test_fail_safe_moderator_on_error_and_timeout(fail_open: bool) -> None
         v = await FailSafeModerator(stub, policy).moderate(USER_TURN, Role.USER, Stage.INPUT)
         assert v.error and v.safe is fail_open and v.backend == "error"
         assert stub.calls == 1
+
+
+def test_fail_safe_timeout_grows_with_the_conversation() -> None:
+    guard = FailSafeModerator(_Stub(), Policy(timeout_seconds=2.0))
+    assert guard.timeout_for([Message("user", "hi")]) == 2.0
+    assert guard.timeout_for([Message("user", "x" * TIMEOUT_CHARS)]) == 2.0
+    long = [Message("user", "x" * TIMEOUT_CHARS), Message("assistant", "y" * (2 * TIMEOUT_CHARS))]
+    assert guard.timeout_for(long) == pytest.approx(6.0)
+
+
+async def test_a_long_conversation_may_take_longer_than_a_short_one() -> None:
+    class Slow:
+        async def moderate(self, conversation: Sequence[Message], role: Role, stage: Stage) -> Verdict:
+            await asyncio.sleep(0.05)
+            return Verdict(True, (), 0.0, "slow", stage)
+
+    guard = FailSafeModerator(Slow(), Policy(timeout_seconds=0.02))
+    short = await guard.moderate([Message("user", "hi")], Role.USER, Stage.INPUT)
+    long = await guard.moderate([Message("user", "x" * (10 * TIMEOUT_CHARS))], Role.USER, Stage.INPUT)
+    assert short.error and not short.safe  # 0.05 s > 0.02 s: failed closed
+    assert not long.error and long.safe  # 0.05 s < 0.2 s allowed for ten times the text
 
 
 async def test_fail_safe_moderator_passes_verdicts_and_client_errors_through() -> None:
