@@ -112,11 +112,16 @@ class GatedExtractor(FakeExtractor):
         return super().extract(texts)
 
 
-async def test_classifier_input_verdicts_overtake_queued_output_checks() -> None:
-    worker = PriorityWorker("t-guard")
+def blocked_classifier(name: str) -> tuple[PriorityWorker, GatedExtractor, ClassifierModerator, threading.Event]:
+    """A classifier on its own worker, with the worker occupied until the returned event is set."""
+    worker = PriorityWorker(name)
     extractor = GatedExtractor()
-    moderator = ClassifierModerator(extractor, tiny_head(), worker)
     gate, _ = blocked(worker)
+    return worker, extractor, ClassifierModerator(extractor, tiny_head(), worker), gate
+
+
+async def test_classifier_input_verdicts_overtake_queued_output_checks() -> None:
+    worker, extractor, moderator, gate = blocked_classifier("t-guard")
     answer = conv(("user", "fine"), ("assistant", "meh"))
     outputs = [asyncio.create_task(moderator.moderate(answer, Role.AGENT, Stage.OUTPUT)) for _ in range(2)]
     moderate = asyncio.create_task(moderator.moderate(conv(("user", "meh meh")), Role.USER, Stage.MODERATE))
@@ -130,10 +135,7 @@ async def test_classifier_input_verdicts_overtake_queued_output_checks() -> None
 
 
 async def test_classifier_moderate_calls_wait_for_queued_checks_of_running_streams() -> None:
-    worker = PriorityWorker("t-guard-moderate")
-    extractor = GatedExtractor()
-    moderator = ClassifierModerator(extractor, tiny_head(), worker)
-    gate, _ = blocked(worker)
+    worker, extractor, moderator, gate = blocked_classifier("t-guard-moderate")
     moderate = [asyncio.create_task(moderator.moderate(conv(("user", "meh meh")), Role.USER, Stage.MODERATE))
                 for _ in range(3)]
     await asyncio.sleep(0.05)
@@ -146,10 +148,7 @@ async def test_classifier_moderate_calls_wait_for_queued_checks_of_running_strea
 
 
 async def test_classifier_cancelled_check_leaves_the_queue() -> None:
-    worker = PriorityWorker("t-guard-cancel")
-    extractor = GatedExtractor()
-    moderator = ClassifierModerator(extractor, tiny_head(), worker)
-    gate, _ = blocked(worker)
+    worker, extractor, moderator, gate = blocked_classifier("t-guard-cancel")
     gone = asyncio.create_task(moderator.moderate(conv(("assistant", "meh")), Role.AGENT, Stage.OUTPUT))
     await asyncio.sleep(0.05)
     gone.cancel()  # the client went away while its check was queued
