@@ -42,6 +42,8 @@ Judge = Callable[[str], Awaitable[Verdict]]
 # How a check reached its deciding verdict: one read of the full tail (no prefilter, or the short tail would
 # be no shorter), settled by the prefilter's short tail, or escalated from it to the full tail.
 CheckRead = Literal["full", "prefilter", "escalated"]
+# The reads a prefiltered check can end with (the label values of the prefilter metric).
+PrefilterOutcome = Literal["prefilter", "escalated"]
 
 
 def first_window_size(window: int, first_window: int | None) -> int:

@@ -34,6 +34,7 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from guard.moderator import Verdict
+from guard.stream import PrefilterOutcome
 from service.handlers import behavior_of, rebuild
 from service.stats import NullSink, RequestRecord, StatsSink
 
@@ -172,7 +173,7 @@ class RecordingSink:
     def record_verdict(self, verdict: Verdict) -> None:
         self.inner.record_verdict(verdict)
 
-    def record_prefilter(self, outcome: str) -> None:
+    def record_prefilter(self, outcome: PrefilterOutcome) -> None:
         self.inner.record_prefilter(outcome)
 
 

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, get_args
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -31,6 +31,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from guard.moderator import Verdict
+from guard.stream import PrefilterOutcome
 from guard.taxonomy import BUILTIN_CODES
 from service._pb.sluice.v1 import generation_pb2
 from service.config import Config
@@ -140,7 +141,7 @@ class RequestMetrics:
         )
 
 
-PREFILTER_OUTCOMES = ("prefilter", "escalated")
+PREFILTER_OUTCOMES: tuple[PrefilterOutcome, ...] = get_args(PrefilterOutcome)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +289,7 @@ class PrometheusSink:
             self.guard.decisions.labels(stage, label, category).inc()
         self.guard.latency.labels(stage).observe(verdict.latency)
 
-    def record_prefilter(self, outcome: str) -> None:
+    def record_prefilter(self, outcome: PrefilterOutcome) -> None:
         self.guard.prefilter.labels(outcome).inc()
 
     # -- CallObserver ------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ class Pipeline:
     def record_check(self, verdict: Verdict, read: CheckRead) -> None:
         """An output check's deciding verdict, and how the prefilter read it (StreamGuard's `on_decision`)."""
         self.stats.record_verdict(verdict)
-        if read != "full":
+        if read == "prefilter" or read == "escalated":
             self.stats.record_prefilter(read)
 
     async def generate(self, cmd: GenerateCommand) -> AsyncIterator[Chunk | Final]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from guard.moderator import Verdict
+from guard.stream import PrefilterOutcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,7 @@ class StatsSink(Protocol):
 
     def record_verdict(self, verdict: Verdict) -> None: ...
 
-    def record_prefilter(self, outcome: str) -> None:
+    def record_prefilter(self, outcome: PrefilterOutcome) -> None:
         """An output check that read the prefilter's short tail: "prefilter" (it settled the check) or
         "escalated" (the full tail decided)."""
         ...
@@ -61,7 +62,7 @@ class NullSink:
     def record_verdict(self, verdict: Verdict) -> None:
         return None
 
-    def record_prefilter(self, outcome: str) -> None:
+    def record_prefilter(self, outcome: PrefilterOutcome) -> None:
         return None
 
 
@@ -71,7 +72,7 @@ class ListSink:
     def __init__(self) -> None:
         self.requests: list[RequestRecord] = []
         self.verdicts: list[Verdict] = []
-        self.prefilter: list[str] = []
+        self.prefilter: list[PrefilterOutcome] = []
 
     def record_request(self, record: RequestRecord) -> None:
         self.requests.append(record)
@@ -79,5 +80,5 @@ class ListSink:
     def record_verdict(self, verdict: Verdict) -> None:
         self.verdicts.append(verdict)
 
-    def record_prefilter(self, outcome: str) -> None:
+    def record_prefilter(self, outcome: PrefilterOutcome) -> None:
         self.prefilter.append(outcome)
