@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = sorted((ROOT / "data" / "guard").glob("*.jsonl"))
 EVAL = sorted((ROOT / "data" / "guard_eval").glob("*.jsonl"))
-PAIRED = [p for p in EVAL if p.stem.endswith("_round3")]  # contrast pairs; casual_ordinary.jsonl is all safe
+PAIRED = [p for p in EVAL if re.search(r"_round\d+$", p.stem)]  # contrast pairs; casual_ordinary.jsonl is all safe
 CODES = {f"S{i}" for i in range(1, 15)}
 
 
@@ -39,7 +39,7 @@ def test_rows_are_well_formed(path: Path) -> None:
 
 
 def test_evaluation_pairs_are_one_safe_and_one_unsafe() -> None:
-    assert len(PAIRED) == 2, "data/guard_eval lacks its contrast pairs"
+    assert len(PAIRED) == 3, "data/guard_eval lacks its contrast pairs"
     for path in PAIRED:
         by_topic: dict[str, list[str]] = {}
         for row in rows(path):
