@@ -257,9 +257,10 @@ def choose_threshold(examples: Sequence[Example], overall: FloatArray, ordinary_
     """
     safe = np.array([not ex.unsafe for ex in examples])
     user = np.array([ex.role == "User" for ex in examples])
+    sources = np.array([ex.source for ex in examples])
     budgets = []
-    for source in sorted({ex.source for ex in examples}):
-        m = safe & np.array([ex.source == source for ex in examples])
+    for source in sorted(set(sources.tolist())):
+        m = safe & (sources == source)
         if source not in ORDINARY_SOURCES:
             m &= user
         if m.any():
