@@ -74,15 +74,17 @@ encoder-wheel: venv
 # thresholds), the int8 encoder exports, then the head and its thresholds (on the int8 features served).
 # About 50 min on 2 cores.
 GUARD_FOLDS ?= 3
+# GUARD_SEED seeds the adapters and the head (single seeds move held-out figures by 3-5 points, docs/GUARD.md).
+GUARD_SEED ?= 0
 guard-train: venv encoder
 	$(PY) -m pip install -q -e '.[train]'
-	$(PY) -m tools.finetune_encoder --out $(ENCODER_ADAPTER)
+	$(PY) -m tools.finetune_encoder --seed $(GUARD_SEED) --out $(ENCODER_ADAPTER)
 	$(PY) -m tools.export_encoder --out $(ENCODER_DIR) --adapter $(ENCODER_ADAPTER) --int8
 	for k in $$(seq 0 $$(($(GUARD_FOLDS) - 1))); do \
-	  $(PY) -m tools.finetune_encoder --fold $$k --folds $(GUARD_FOLDS) --out build/guard/fold$$k-lora.npz && \
+	  $(PY) -m tools.finetune_encoder --seed $(GUARD_SEED) --fold $$k --folds $(GUARD_FOLDS) --out build/guard/fold$$k-lora.npz && \
 	  $(PY) -m tools.export_encoder --out build/guard/enc-fold$$k --adapter build/guard/fold$$k-lora.npz --int8 || exit 1; \
 	done
-	$(PY) -m tools.train_guard --encoder $(ENCODER_DIR) --out $(GUARD_HEAD) \
+	$(PY) -m tools.train_guard --seed $(GUARD_SEED) --encoder $(ENCODER_DIR) --out $(GUARD_HEAD) \
 	  --fold-encoders $$(for k in $$(seq 0 $$(($(GUARD_FOLDS) - 1))); do echo build/guard/enc-fold$$k; done)
 
 # make guard-eval DATA=file.jsonl  (rows {"text", "label": safe|unsafe, optional "role", "categories"})

@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
     parser.add_argument("--l2", type=float, default=TrainConfig.l2)
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="head initialisation seed")
     parser.add_argument("--ordinary-fpr", type=float, default=0.045, help="threshold budget: ordinary instructions")
     parser.add_argument("--borderline-fpr", type=float, default=0.3, help="threshold budget: each borderline set")
     parser.add_argument("--calibrate", choices=("oof", "dev"), default=None,
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     from guard.encoder import MiniLMEncoder
     from tools import guard_calibration, guard_report
 
-    cfg = TrainConfig(hidden=args.hidden, l2=args.l2, epochs=args.epochs)
+    cfg = TrainConfig(hidden=args.hidden, l2=args.l2, epochs=args.epochs, seed=args.seed)
     extractor = MiniLMEncoder(args.encoder, threads=2)
     manifest = json.loads((args.encoder / "manifest.json").read_text())
     # an encoder fine-tuned on the train split has memorised it: out-of-fold scores there are overconfident,
