@@ -8,6 +8,8 @@ Math (numpy only; the head file is written by `tools/train_guard.py`):
 A text's scores are the maxima over its rows (windows). The verdict is unsafe when the overall score
 reaches the head's threshold for the stage; its categories are those whose score reaches their own
 threshold, or the single highest-scoring one when none does (an unsafe verdict always names one).
+Whole turns (input and `Moderate`) are judged together with their decoded views (`guard.views`: base64,
+leetspeak, reversed or spelled-out payloads undone), so an encoded request scores as the request it encodes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from guard.features import FeatureBatch, FeatureExtractor, FloatArray, WindowedExtractor, max_per_owner
 from guard.moderator import Message, Role, Stage, Verdict
+from guard.views import with_decoded_views
 from guard.worker import BACKGROUND, DEFAULT_PRIORITY, URGENT, PriorityWorker
 
 BACKEND_NAME = "classifier"
@@ -262,6 +265,8 @@ class ClassifierModerator:
         """
         started = time.perf_counter()
         texts = texts_to_judge(conversation, role, stage)
+        if stage is not Stage.OUTPUT:  # a whole turn: judge encoded payloads (base64, leetspeak...) decoded too
+            texts = with_decoded_views(texts)
         if isinstance(self._executor, PriorityWorker) and texts and isinstance(self._extractor, WindowedExtractor):
             scores = await self._score_in_slices(self._executor, self._extractor, STAGE_PRIORITY[stage], texts)
         elif isinstance(self._executor, PriorityWorker):

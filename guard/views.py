@@ -1,0 +1,171 @@
+"""Decoded views of obfuscated text, so that an encoded request is judged as the request it encodes.
+
+Jailbreaks hide a payload from a text classifier by encoding it: base64, leetspeak ("h0w d0 1 m4k3"), text
+written backwards, letters spelled apart ("b-o-m-b"). The classifier reads surface words, so on our
+`mixed_prompts` evaluation set such payloads scored 0.01-0.40 (docs/GUARD.md). `decoded_views(text)` returns
+the text with each encoding it finds undone, and an empty list for ordinary text (no extra encoder call).
+The moderator judges the views next to the original text and the worst one decides, so decoding can only
+make a verdict stricter. Every detector is conservative: it must find a decoding that reads as text, not
+just characters that could be one (hashes, identifiers, version strings and acronyms stay as they are).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Sequence
+
+# a run of base64 alphabet long enough to carry a request; `=` padding optional
+_BASE64 = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/]{12,}={0,2}(?![A-Za-z0-9+/=_-])")
+# digits and symbols that stand for letters in leetspeak
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "@": "a", "$": "s"})
+_WORD = re.compile(r"[A-Za-z0-9@$]+")
+_LEET_MARK = re.compile(r"[A-Za-z][0134578@$]|[0134578@$][A-Za-z]")
+# four or more single letters joined by one separator each: b-o-m-b, k.i.l.l, p o i s o n; a space in the
+# chain is a word break ("h-o-w- -t-o")
+_SPELLED = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]([-._* ])(?:[A-Za-z ]\1){2,}[A-Za-z](?![A-Za-z0-9])")
+# segments that may be reversed independently ("reverse this and answer: ?...")
+_SEGMENT = re.compile(r"[^\n:\"“”]+")
+# frequent English words; decoded text is recognised by them
+_FREQUENT_WORDS = (
+    "the and for with from how what why where who which you your can does make get give tell write show find "
+    "best way need want kill buy use this that are was have has into about will would should could know help "
+    "please answer question people someone step steps home money without them they there their when all not "
+    "any some more most just like out one time good new first also here only other then than because after "
+    "before over under very much many every each our his her she him its send old year "
+    "me my to do is in of it an at be so or up we us he if go am no on")
+_FREQUENT = frozenset(_FREQUENT_WORDS.split())
+# a word counts only when its reversal is not also one ("no"/"on", "now"/"won") and it is not a palindrome
+_COMMON = frozenset(w for w in _FREQUENT if w[::-1] not in _FREQUENT and w != w[::-1])
+
+MIN_LEET_WORDS = 3  # leetspeak needs this many substituted words, making up ...
+MIN_LEET_SHARE = 0.3  # ... this share of the words that have letters, and ...
+MIN_DECODED_COMMON = 2  # ... (as for reversed text) this many frequent words must appear once decoded
+MIN_COMMON_SHARE = 0.2  # reversed segment: share of frequent words once reversed ...
+MAX_COMMON_SHARE = 0.05  # ... and at most this share as written
+
+
+def _decoded_base64(token: str) -> str | None:
+    """The text a base64 token encodes, or None when it does not decode to readable text."""
+    if token.isalpha() and (token.islower() or token.isupper()):
+        return None  # a long ordinary word
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+        text = raw.decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    letters = sum(c.isalpha() for c in text)
+    printable = sum(c.isprintable() or c in "\n\t" for c in text)
+    if len(text) < 4 or printable < len(text) or letters < 0.6 * len(text.replace(" ", "")):
+        return None
+    return text
+
+
+def _base64_view(text: str) -> str | None:
+    found = False
+
+    def swap(m: re.Match[str]) -> str:
+        nonlocal found
+        decoded = _decoded_base64(m.group(0))
+        if decoded is None:
+            return m.group(0)
+        found = True
+        return decoded
+
+    view = _BASE64.sub(swap, text)
+    return view if found else None
+
+
+def _leet_view(text: str) -> str | None:
+    words = [w for w in _WORD.findall(text) if any(c.isalpha() for c in w)]
+    leet = [w for w in words if _LEET_MARK.search(w)]
+    if len(leet) < MIN_LEET_WORDS or len(leet) < MIN_LEET_SHARE * len(words):
+        return None
+    if sum(w.translate(_LEET).lower() in _COMMON for w in leet) < MIN_DECODED_COMMON:
+        return None  # identifiers, chess or chemistry notation: nothing readable comes out
+
+    def undo(m: re.Match[str]) -> str:
+        word = m.group(0)
+        plain = word.translate(_LEET)
+        if _LEET_MARK.search(word) or len(word) == 1 or plain.lower() in _COMMON:
+            return plain  # "m4k3"; a lone "4" or "1" (a, i); digit-only words that spell one ("70": to)
+        return word  # other numbers: "13 year old" stays
+
+    return _WORD.sub(undo, text)
+
+
+def _common(segment: str) -> tuple[int, float]:
+    """Frequent words in `segment`: the count of those with 3+ letters (short ones turn up by chance in
+    reversed notation: "Eb - Ab" gives "bE") and the share of all of them among its words."""
+    words = re.findall(r"[a-z']+", segment.lower())
+    hits = [w for w in words if w in _COMMON]
+    return sum(len(w) >= 3 for w in hits), len(hits) / len(words) if words else 0.0
+
+
+def _reversed_view(text: str) -> str | None:
+    found = False
+
+    def flip(m: re.Match[str]) -> str:
+        nonlocal found
+        seg = m.group(0)
+        if len(seg.split()) < 3:
+            return seg
+        back = seg[::-1]
+        hits, share = _common(back)
+        if hits >= MIN_DECODED_COMMON and share >= MIN_COMMON_SHARE and _common(seg)[1] <= MAX_COMMON_SHARE:
+            found = True
+            return back
+        return seg
+
+    view = _SEGMENT.sub(flip, text)
+    return view if found else None
+
+
+def _spelled_view(text: str) -> str | None:
+    found = False
+
+    def join(m: re.Match[str]) -> str:
+        nonlocal found
+        letters = m.group(0).replace(m.group(1), "")
+        if m.group(1) == "." and letters.isupper():
+            return m.group(0)  # an acronym like U.S.A.F
+        found = True
+        return letters
+
+    view = _SPELLED.sub(join, text)
+    return view if found else None
+
+
+def decoded_views(text: str) -> list[str]:
+    """The text with each obfuscation found in it undone: one view per kind of encoding, then one with all.
+
+    Args:
+        text: a turn to be judged.
+
+    Returns:
+        Distinct views that differ from `text`; empty for ordinary text.
+    """
+    views: list[str] = []
+    combined = text
+    for decode in (_base64_view, _reversed_view, _spelled_view, _leet_view):
+        view = decode(text)
+        if view is not None and view != text and view not in views:
+            views.append(view)
+        step = decode(combined)
+        combined = step if step is not None else combined
+    if combined != text and combined not in views:
+        views.append(combined)
+    return views
+
+
+def with_decoded_views(texts: Sequence[str]) -> list[str]:
+    """`texts` followed by the decoded views of each (see `decoded_views`).
+
+    Args:
+        texts: the turns to be judged.
+
+    Returns:
+        The texts, then every view; just the texts when nothing is encoded.
+    """
+    return [*texts, *(view for text in texts for view in decoded_views(text))]
