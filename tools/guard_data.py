@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from guard.views import decoded_views
+
 DEFAULT_ROOT = Path("../shared/data/guard")
 OWN_DIR = Path("data/guard")
 DEV_FRACTION = 0.2  # of every training source, chosen by a hash of the text (stable across runs)
@@ -64,7 +66,10 @@ def fold_of(text: str, folds: int) -> int:
 def _ex(text: str, unsafe: bool, cats: tuple[str, ...], source: str, group: str, role: str = "User") -> Example:
     text = text.strip()
     base = source.split("_")[0] if source not in LICENCES else source
-    return Example(text, unsafe, cats if unsafe else (), role, source, group,
+    # an encoded User turn is judged by its decoded view at serving time (guard/views.py), so that is the text
+    # its label belongs to; the encoded form alone (a wrapper around gibberish) would teach the wrapper
+    views = decoded_views(text) if role == "User" else []
+    return Example(views[-1] if views else text, unsafe, cats if unsafe else (), role, source, group,
                    shippable=base not in MEASURE_ONLY and source not in MEASURE_ONLY,
                    split=_split_of(text, source))
 
