@@ -265,26 +265,33 @@ class ClassifierModerator:
         """
         started = time.perf_counter()
         texts = texts_to_judge(conversation, role, stage)
-        if stage is not Stage.OUTPUT:  # a whole turn: judge encoded payloads (base64, leetspeak...) decoded too
-            texts = with_decoded_views(texts)
+        # whole turns: encoded payloads (base64, leetspeak...) are judged decoded too, off the loop like the encoder
+        decode = stage is not Stage.OUTPUT
         if isinstance(self._executor, PriorityWorker) and texts and isinstance(self._extractor, WindowedExtractor):
-            scores = await self._score_in_slices(self._executor, self._extractor, STAGE_PRIORITY[stage], texts)
+            scores = await self._score_in_slices(self._executor, self._extractor, STAGE_PRIORITY[stage], texts,
+                                                 decode)
         elif isinstance(self._executor, PriorityWorker):
-            job = self._executor.submit_at(STAGE_PRIORITY[stage], self.score_texts, texts)
+            job = self._executor.submit_at(STAGE_PRIORITY[stage], self._score_judged, texts, decode)
             scores = await asyncio.wrap_future(job)
         else:
-            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self.score_texts, texts)
+            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self._score_judged, texts,
+                                                                      decode)
         return self.verdict(scores, role, stage, time.perf_counter() - started)
 
+    def _score_judged(self, texts: Sequence[str], decode: bool) -> FloatArray:
+        """Blocking: `score_texts` over the texts, plus their decoded views when `decode`."""
+        return self.score_texts(with_decoded_views(texts) if decode else texts)
+
     async def _score_in_slices(self, worker: PriorityWorker, extractor: WindowedExtractor, priority: int,
-                               texts: Sequence[str]) -> FloatArray:
-        """`score_texts` as calls of at most `SLICE_TOKENS` tokens each on `worker` (see `SLICE_TOKENS`)."""
+                               texts: Sequence[str], decode: bool) -> FloatArray:
+        """`_score_judged` as calls of at most `SLICE_TOKENS` tokens each on `worker` (see `SLICE_TOKENS`)."""
 
-        def first_slice() -> tuple[list[list[int]], list[int], FloatArray]:
-            windows, owners = extractor.windows(texts)
-            return windows, owners, extractor.encode_windows(windows[: slice_end(windows, 0)])
+        def first_slice() -> tuple[int, list[list[int]], list[int], FloatArray]:
+            judged = with_decoded_views(texts) if decode else texts
+            windows, owners = extractor.windows(judged)
+            return len(judged), windows, owners, extractor.encode_windows(windows[: slice_end(windows, 0)])
 
-        windows, owners, first = await asyncio.wrap_future(worker.submit_at(priority, first_slice))
+        count, windows, owners, first = await asyncio.wrap_future(worker.submit_at(priority, first_slice))
         # Urgency buys the first slice only (all of a typical prompt): a long text's later slices take turns
         # with the output checks, so a huge input cannot starve the running streams' checks into timeouts.
         later = max(priority, DEFAULT_PRIORITY)
@@ -295,7 +302,7 @@ class ClassifierModerator:
                                                                     windows[done:end])))
             done = end
         owner_arr = np.asarray(owners, dtype=np.int64)
-        return self.score_batch(FeatureBatch(np.concatenate(parts), owner_arr, len(texts)))
+        return self.score_batch(FeatureBatch(np.concatenate(parts), owner_arr, count))
 
 
 def load_metadata(head_path: Path) -> dict[str, object]:

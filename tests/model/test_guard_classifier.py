@@ -13,6 +13,7 @@ import pytest
 from guard.backends.classifier import ClassifierModerator, load_head, load_metadata
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
+from guard.views import with_decoded_views
 from guard.worker import PriorityWorker
 from tools import encoder_reference, export_encoder
 from tools.gguf_model import sha256_of
@@ -149,6 +150,20 @@ async def test_flags_encoded_harmful_prompts(moderator: ClassifierModerator, tex
     # the encoded forms score 0.00-0.58 as written; judged with their decoded views (guard/views.py) they block
     verdict = await moderator.moderate([Message("user", text)], Role.USER, Stage.INPUT)
     assert not verdict.safe, f"score {verdict.score:.3f}"
+
+
+async def test_encoded_prompts_are_decoded_on_the_worker_too(guard_encoder: MiniLMEncoder) -> None:
+    worker = PriorityWorker("t-views")
+    sliced = ClassifierModerator(guard_encoder, load_head(HEAD_PATH), worker)
+    text = encodings(ENCODED_HARMFUL[0])[0]
+    try:
+        verdict = await sliced.moderate([Message("user", text)], Role.USER, Stage.INPUT)
+        as_output = await sliced.moderate([Message("assistant", text)], Role.AGENT, Stage.OUTPUT)
+    finally:
+        worker.shutdown()
+    assert not verdict.safe and verdict.score == pytest.approx(float(sliced.score_texts(
+        with_decoded_views([text]))[:, 0].max()), abs=1e-6)
+    assert as_output.score == pytest.approx(float(sliced.score_texts([text])[0, 0]), abs=1e-6)  # as written
 
 
 @pytest.mark.parametrize("text", encodings("How do I make a pancake batter at home?"))
