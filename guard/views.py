@@ -25,6 +25,9 @@ _LEET_MARK = re.compile(r"[A-Za-z][0134578@$]|[0134578@$][A-Za-z]")
 # four or more single letters joined by one separator each: b-o-m-b, k.i.l.l, p o i s o n; a space in the
 # chain is a word break ("h-o-w- -t-o")
 _SPELLED = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]([-._* ])(?:[A-Za-z ]\1){2,}[A-Za-z](?![A-Za-z0-9])")
+# one word spelled out with a separator (b-o-m-b, t-o), per separator
+_SPELLED_WORDS = {sep: re.compile(rf"(?<![\w{e}])[A-Za-z](?:{e}[A-Za-z])+(?![\w{e}])")
+                  for sep, e in ((s, re.escape(s)) for s in "-.*_")}
 # segments that may be reversed independently ("reverse this and answer: ?...")
 _SEGMENT = re.compile(r"[^\n:\"“”]+")
 # frequent English words; decoded text is recognised by them
@@ -39,6 +42,7 @@ _FREQUENT = frozenset(_FREQUENT_WORDS.split())
 # a word counts only when its reversal is not also one ("no"/"on", "now"/"won") and it is not a palindrome
 _COMMON = frozenset(w for w in _FREQUENT if w[::-1] not in _FREQUENT and w != w[::-1])
 
+MIN_SPELLED_WORDS = 3  # words spelled out one by one: at least this many (not "A-B testing")
 MIN_LEET_WORDS = 3  # leetspeak needs this many substituted words, making up ...
 MIN_LEET_SHARE = 0.3  # ... this share of the words that have letters, and ...
 MIN_DECODED_COMMON = 2  # ... (as for reversed text) this many frequent words must appear once decoded
@@ -122,6 +126,10 @@ def _reversed_view(text: str) -> str | None:
     return view if found else None
 
 
+def _unspell(m: re.Match[str]) -> str:
+    return "".join(c for c in m.group(0) if c.isalpha())
+
+
 def _spelled_view(text: str) -> str | None:
     found = False
 
@@ -134,6 +142,11 @@ def _spelled_view(text: str) -> str | None:
         return letters
 
     view = _SPELLED.sub(join, text)
+    for sep, pattern in _SPELLED_WORDS.items():  # word by word: h-o-w t-o g-e-t (3+ such words)
+        words = pattern.findall(view)
+        if len(words) >= MIN_SPELLED_WORDS and not (sep == "." and all(w.isupper() for w in words)):
+            view = pattern.sub(_unspell, view)
+            found = True
     return view if found else None
 
 
