@@ -39,7 +39,7 @@ def test_rows_are_well_formed(path: Path) -> None:
 
 
 def test_evaluation_pairs_are_one_safe_and_one_unsafe() -> None:
-    assert len(PAIRED) == 3, "data/guard_eval lacks its contrast pairs"
+    assert len(PAIRED) == 5, "data/guard_eval lacks its contrast pairs"
     for path in PAIRED:
         by_topic: dict[str, list[str]] = {}
         for row in rows(path):
