@@ -1,12 +1,13 @@
 """Decoded views of obfuscated text, so that an encoded request is judged as the request it encodes.
 
 Jailbreaks hide a payload from a text classifier by encoding it: base64, leetspeak ("h0w d0 1 m4k3"), text
-written backwards, letters spelled apart ("b-o-m-b"). The classifier reads surface words, so on our
-`mixed_prompts` evaluation set such payloads scored 0.01-0.40 (docs/GUARD.md). `decoded_views(text)` returns
-the text with each encoding it finds undone, and an empty list for ordinary text (no extra encoder call).
-The moderator judges the views next to the original text and the worst one decides, so decoding can only
-make a verdict stricter. Every detector is conservative: it must find a decoding that reads as text, not
-just characters that could be one (hashes, identifiers, version strings and acronyms stay as they are).
+written backwards, in ROT13 or in Pig Latin, letters spelled apart ("b-o-m-b"). The classifier reads
+surface words, so on our `mixed_prompts` evaluation set such payloads scored 0.01-0.40 (docs/GUARD.md).
+`decoded_views(text)` returns the text with each encoding it finds undone, and an empty list for ordinary
+text (no extra encoder call). The moderator judges the views next to the original text and the worst one
+decides, so decoding can only make a verdict stricter. Every detector is conservative: it must find a
+decoding that reads as text, not just characters that could be one (hashes, identifiers, version strings
+and acronyms stay as they are).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import string
 from collections.abc import Sequence
 
 # a run of base64 alphabet long enough to carry a request; `=` padding optional
@@ -107,22 +109,50 @@ def _common(segment: str) -> tuple[int, float]:
     return sum(len(w) >= 3 for w in hits), len(hits) / len(words) if words else 0.0
 
 
-def _reversed_view(text: str) -> str | None:
+_ROT13 = str.maketrans(string.ascii_letters,
+                       string.ascii_lowercase[13:] + string.ascii_lowercase[:13]
+                       + string.ascii_uppercase[13:] + string.ascii_uppercase[:13])
+_PIG = re.compile(r"\b([a-z]+)ay\b", re.I)
+_CONSONANTS = frozenset("bcdfghjklmnpqrstvwxzBCDFGHJKLMNPQRSTVWXZ")
+
+
+def _unpig_word(m: re.Match[str]) -> str:
+    """One Pig Latin word back to English: "ombbay" -> "bomb", "itewray" -> "write", "iway" -> "i"."""
+    base = m.group(1)
+    candidates = [base[:-1]] if base[-1] in "wyWY" and len(base) > 1 else []  # vowel-initial words + "way"
+    candidates += [base[-k:] + base[:-k] for k in (1, 2, 3)
+                   if len(base) > k and all(c in _CONSONANTS for c in base[-k:])]
+    known = [c for c in candidates if c.lower() in _COMMON]
+    return (known or candidates or [m.group(0)])[0]
+
+
+def _unpig(segment: str) -> str:
+    return _PIG.sub(_unpig_word, segment)
+
+
+# ways a segment can be written so that it reads as gibberish, each with the function that undoes it
+_SEGMENT_DECODERS = ((lambda seg: seg[::-1]), (lambda seg: seg.translate(_ROT13)), _unpig)
+
+
+def _segment_view(text: str) -> str | None:
+    """Segments written backwards, in ROT13 or in Pig Latin, undone: a segment is replaced when undoing it
+    yields frequent English words and as written it has almost none."""
     found = False
 
-    def flip(m: re.Match[str]) -> str:
+    def undo(m: re.Match[str]) -> str:
         nonlocal found
         seg = m.group(0)
-        if len(seg.split()) < 3:
+        if len(seg.split()) < 3 or _common(seg)[1] > MAX_COMMON_SHARE:
             return seg
-        back = seg[::-1]
-        hits, share = _common(back)
-        if hits >= MIN_DECODED_COMMON and share >= MIN_COMMON_SHARE and _common(seg)[1] <= MAX_COMMON_SHARE:
-            found = True
-            return back
+        for decode in _SEGMENT_DECODERS:
+            plain = decode(seg)
+            hits, share = _common(plain)
+            if hits >= MIN_DECODED_COMMON and share >= MIN_COMMON_SHARE:
+                found = True
+                return plain
         return seg
 
-    view = _SEGMENT.sub(flip, text)
+    view = _SEGMENT.sub(undo, text)
     return view if found else None
 
 
@@ -161,7 +191,7 @@ def decoded_views(text: str) -> list[str]:
     """
     views: list[str] = []
     combined = text
-    for decode in (_base64_view, _reversed_view, _spelled_view, _leet_view):
+    for decode in (_base64_view, _segment_view, _spelled_view, _leet_view):
         view = decode(text)
         if view is not None and view != text and view not in views:
             views.append(view)
