@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import re
-import string
 from collections.abc import Sequence
 
 # a run of base64 alphabet long enough to carry a request; `=` padding optional
@@ -109,9 +109,6 @@ def _common(segment: str) -> tuple[int, float]:
     return sum(len(w) >= 3 for w in hits), len(hits) / len(words) if words else 0.0
 
 
-_ROT13 = str.maketrans(string.ascii_letters,
-                       string.ascii_lowercase[13:] + string.ascii_lowercase[:13]
-                       + string.ascii_uppercase[13:] + string.ascii_uppercase[:13])
 _PIG = re.compile(r"\b([a-z]+)ay\b", re.I)
 _CONSONANTS = frozenset("bcdfghjklmnpqrstvwxzBCDFGHJKLMNPQRSTVWXZ")
 
@@ -131,7 +128,7 @@ def _unpig(segment: str) -> str:
 
 
 # ways a segment can be written so that it reads as gibberish, each with the function that undoes it
-_SEGMENT_DECODERS = ((lambda seg: seg[::-1]), (lambda seg: seg.translate(_ROT13)), _unpig)
+_SEGMENT_DECODERS = ((lambda seg: seg[::-1]), (lambda seg: codecs.encode(seg, "rot13")), _unpig)
 
 
 def _segment_view(text: str) -> str | None:
@@ -195,7 +192,7 @@ def decoded_views(text: str) -> list[str]:
         view = decode(text)
         if view is not None and view != text and view not in views:
             views.append(view)
-        step = decode(combined)
+        step = view if combined is text else decode(combined)  # nothing undone yet: the same input
         combined = step if step is not None else combined
     if combined != text and combined not in views:
         views.append(combined)
