@@ -71,8 +71,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     prompts = prompts[: args.prompts]
     all_ids = await answers(args.model, prompts, args.max_new_tokens)
     tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
-    moderator = ClassifierModerator(MiniLMEncoder(args.encoder), load_head(args.head))
+    encoder = MiniLMEncoder(args.encoder)
     worst: dict[str, list[float]] = {}
+    for head in args.head:  # every head replays the same answers
+        moderator = ClassifierModerator(encoder, load_head(head))
+        prefix = f"{head}: " if len(args.head) > 1 else ""
+        await _replay(args, prompts, all_ids, tokenizer, moderator, prefix, worst)
+    return {
+        "prompts": len(prompts),
+        "mean_answer_tokens": float(np.mean([len(i) for i in all_ids])),
+        "blocked_fraction": {name: {str(t): float(np.mean(np.asarray(v) >= t)) for t in THRESHOLDS}
+                             for name, v in worst.items()},
+    }
+
+
+async def _replay(args: argparse.Namespace, prompts: list[str], all_ids: list[list[int]], tokenizer: Tokenizer,
+                  moderator: ClassifierModerator, prefix: str, worst: dict[str, list[float]]) -> None:
+    """Each answer's checks under every schedule / context / prefilter: its worst score, into `worst`."""
     scores: dict[str, float] = {}  # tail -> score (schedules and contexts share checks of the same text)
 
     async def score(prompt: str, tail: str) -> float:
@@ -99,13 +114,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                     stream_scores.append(await score(prompt, short if short is not None and settled else tail))
                     cleared = len(text)
                 label = f", prefilter {prefilter}" if prefilter else ""
-                worst.setdefault(f"{name}, last {chars} chars{label}", []).append(max(stream_scores))
-    return {
-        "prompts": len(prompts),
-        "mean_answer_tokens": float(np.mean([len(i) for i in all_ids])),
-        "blocked_fraction": {name: {str(t): float(np.mean(np.asarray(v) >= t)) for t in THRESHOLDS}
-                             for name, v in worst.items()},
-    }
+                worst.setdefault(f"{prefix}{name}, last {chars} chars{label}", []).append(max(stream_scores))
 
 
 def main() -> int:
@@ -113,7 +122,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("models/smollm2-135m-instruct-int4"))
     ap.add_argument("--encoder", type=Path, default=Path("models/minilm-l6-v2-guard"))
-    ap.add_argument("--head", type=Path, default=Path("guard/heads/minilm-l6-v2.npz"))
+    ap.add_argument("--head", type=Path, nargs="+", default=[Path("guard/heads/minilm-l6-v2.npz")],
+                    help="one or more heads, compared on the same answers")
     ap.add_argument("--data", type=Path, default=Path("build/guard/unseen.jsonl"))
     ap.add_argument("--source", default="alpaca", help="rows of this source (rows without one count as it)")
     ap.add_argument("--prompts", type=int, default=120)

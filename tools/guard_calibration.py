@@ -19,8 +19,8 @@ from tools.guard_data import Example, fold_of
 from tools.train_guard import TrainConfig, featurize, score, train
 
 
-def kfold_scores(examples: Sequence[Example], fold_encoders: Sequence[Path], cfg: TrainConfig
-                 ) -> tuple[list[Example], FloatArray]:
+def kfold_scores(examples: Sequence[Example], fold_encoders: Sequence[Path], cfg: TrainConfig,
+                 holdout: Sequence[str] = ()) -> tuple[list[Example], FloatArray]:
     """Out-of-fold scores for the train split when the encoder itself was fine-tuned on it.
 
     Each fold encoder's adapter (tools/finetune_encoder.py --fold k --folds n; its JSON beside the .npz names
@@ -31,13 +31,17 @@ def kfold_scores(examples: Sequence[Example], fold_encoders: Sequence[Path], cfg
         examples: all rows.
         fold_encoders: one exported encoder folder per fold, in any order.
         cfg: head hyper-parameters.
+        holdout: source specs every fold adapter left out (`finetune_encoder --holdout`, as for the union
+            held-out experiment); their rows are neither fitted nor scored.
 
     Returns:
         (the scored rows, their (n, 15) scores).
     """
     from guard.encoder import MiniLMEncoder
+    from tools.guard_report import held_out
 
-    train_rows = [ex for ex in examples if ex.shippable and ex.split == "train"]
+    specs = tuple(holdout)
+    train_rows = [ex for ex in examples if ex.shippable and ex.split == "train" and not held_out(ex, specs)]
     rows: list[Example] = []
     parts: list[FloatArray] = []
     seen: set[int] = set()
@@ -45,7 +49,8 @@ def kfold_scores(examples: Sequence[Example], fold_encoders: Sequence[Path], cfg
         manifest = json.loads((folder / "manifest.json").read_text())
         adapter_meta = json.loads(Path(str(manifest["adapter"])).with_suffix(".json").read_text())
         k, n = int(adapter_meta["fold"]), int(adapter_meta["folds"])
-        if n != len(fold_encoders) or k in seen or adapter_meta.get("include_dev") or adapter_meta.get("holdout"):
+        if (n != len(fold_encoders) or k in seen or adapter_meta.get("include_dev")
+                or tuple(adapter_meta.get("holdout") or ()) != specs):
             raise ValueError(f"{folder}: adapter fold {k}/{n} does not fit {len(fold_encoders)} fold encoders")
         seen.add(k)
         extractor = MiniLMEncoder(folder, threads=2)

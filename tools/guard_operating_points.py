@@ -26,11 +26,12 @@ import numpy as np
 
 from guard.features import FloatArray
 from tools.guard_data import Example
-from tools.train_guard import ORDINARY_SOURCES
+from tools.guard_thresholds import ORDINARY_SOURCES
 
 POLICY_THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.15, 0.1)
-HEADER = ("| policy threshold | raw | Alpaca FPR (shipped head) | MaliciousInstruct recall (shipped head) | dev: "
-          "ordinary FPR | dev: worst borderline FPR | dev: harmful-prompt recall | dev: responses recall / FPR |\n"
+HEADER = ("| policy threshold | raw: input / output | Alpaca FPR (shipped head) | MaliciousInstruct recall "
+          "(shipped head) | dev: ordinary FPR | dev: worst borderline FPR | dev: harmful-prompt recall | dev: "
+          "responses recall / FPR (output) |\n"
           "|---|---|---|---|---|---|---|---|")
 
 
@@ -45,7 +46,7 @@ def _rate(scores: FloatArray, mask: np.ndarray, threshold: float) -> float:
 
 
 def table(measure: Sequence[Example], measure_scores: FloatArray, dev: Sequence[Example], dev_scores: FloatArray,
-          chosen: float, thresholds: Sequence[float] = POLICY_THRESHOLDS) -> str:
+          chosen: float, thresholds: Sequence[float] = POLICY_THRESHOLDS, chosen_output: float | None = None) -> str:
     """The Markdown table.
 
     Args:
@@ -53,8 +54,9 @@ def table(measure: Sequence[Example], measure_scores: FloatArray, dev: Sequence[
         measure_scores: (n,) the shipped head's overall scores on them.
         dev: the dev split's permissive rows.
         dev_scores: (m,) the train-split head's raw overall scores on them.
-        chosen: the raw threshold the shipped head was calibrated at.
+        chosen: the raw input-stage threshold the shipped head was calibrated at.
         thresholds: policy thresholds, one row each.
+        chosen_output: the raw output-stage threshold (None: `chosen`); the responses (Agent) column reads it.
 
     Returns:
         Header and rows.
@@ -73,13 +75,14 @@ def table(measure: Sequence[Example], measure_scores: FloatArray, dev: Sequence[
     lines = [HEADER]
     for p in thresholds:
         r = raw_threshold(p, chosen)
+        r_out = raw_threshold(p, chosen if chosen_output is None else chosen_output)
         worst = max((_rate(dev_scores, m, r), s) for s, m in borderline.items() if m.any())
         bold = "**" if p == 0.5 else ""
-        lines.append(f"| {bold}{p:g}{' (default)' if p == 0.5 else ''}{bold} | {r:.3f} "
+        lines.append(f"| {bold}{p:g}{' (default)' if p == 0.5 else ''}{bold} | {r:.3f} / {r_out:.3f} "
                      f"| {_rate(measure_scores, alpaca, p):.3f} | {_rate(measure_scores, mal, p):.3f} "
                      f"| {_rate(dev_scores, ordinary, r):.3f} | {worst[0]:.3f} ({worst[1]}) "
                      f"| {_rate(dev_scores, harmful, r):.3f} "
-                     f"| {_rate(dev_scores, resp_unsafe, r):.3f} / {_rate(dev_scores, resp_safe, r):.3f} |")
+                     f"| {_rate(dev_scores, resp_unsafe, r_out):.3f} / {_rate(dev_scores, resp_safe, r_out):.3f} |")
     return "\n".join(lines)
 
 
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     meta = json.loads(args.head.with_suffix(".json").read_text())
     chosen = float(meta["chosen_thresholds_before_calibration"]["overall"])
+    chosen_output = meta["chosen_thresholds_before_calibration"].get("output")  # None: one threshold (older heads)
     cfg = TrainConfig(**meta["config"])
     examples = load_all(args.root, args.own)
     extractor = MiniLMEncoder(args.encoder, threads=2)
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     measure = [i for i, ex in enumerate(examples) if not ex.shippable]
     dev, dev_scores = dev_calibration_set(examples, dev_split_scores(examples, vecs, cfg, extractor.name))
     sys.stdout.write(table([examples[i] for i in measure], score(shipped, [vecs[i] for i in measure])[:, 0],
-                           dev, dev_scores[:, 0], chosen) + "\n")
+                           dev, dev_scores[:, 0], chosen, chosen_output=chosen_output) + "\n")
     return 0
 
 

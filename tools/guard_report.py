@@ -12,13 +12,15 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
 from guard.backends.classifier import Head
 from guard.features import FloatArray
 from tools.guard_data import LICENCES, Example
-from tools.train_guard import TrainConfig, choose_threshold, oof_scores, score, train
+from tools.guard_thresholds import choose_thresholds, logit, stage_adjusted
+from tools.train_guard import TrainConfig, oof_scores, score, train
 
 # Held-out-source experiments: train without the named sources, test on them (plus the measure-only sets).
 HOLDOUTS: dict[str, tuple[str, ...]] = {
@@ -81,8 +83,8 @@ def dev_calibration_set(examples: Sequence[Example], dev: tuple[list[int], Float
 
 def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str,
                ordinary_fpr: float, borderline_fpr: float, calibrate: str = "oof", held_out_sources: bool = True,
-               threshold: float | None = None, dev: tuple[list[int], FloatArray] | None = None
-               ) -> tuple[str, float]:
+               threshold: tuple[float, float] | None = None, dev: tuple[list[int], FloatArray] | None = None,
+               per_stage: bool = False) -> tuple[str, tuple[float, float]]:
     """Markdown: in-distribution dev split, then one block per held-out source group.
 
     Args:
@@ -97,38 +99,44 @@ def dev_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
         held_out_sources: run the held-out-source blocks; off for a fine-tuned encoder, which saw those
             sources (its held-out evidence is `python -m tools.guard_report --holdout ...` on an adapter
             trained without them).
-        threshold: use this threshold (chosen by the caller, e.g. on dev + k-fold scores) instead of choosing.
+        threshold: use these (input, output) thresholds (chosen by the caller, e.g. on dev + k-fold scores)
+            instead of choosing; the figures read User rows at the first and Agent rows at the second.
         dev: `dev_split_scores`'s result when the caller already has it (it trains a head).
+        per_stage: when choosing, one threshold per stage (`choose_thresholds`).
 
     Returns:
-        (markdown, threshold used).
+        (markdown, (input, output) thresholds used).
     """
     from tools.guard_eval import TABLE_HEADER
 
     dv, dev_scores = dev or dev_split_scores(examples, vecs, cfg, feature_name)
     if threshold is None and calibrate == "dev":
         cal, cal_scores = dev_calibration_set(examples, (dv, dev_scores))
-        threshold = choose_threshold(cal, cal_scores[:, 0], ordinary_fpr, borderline_fpr)
+        threshold = choose_thresholds(cal, cal_scores[:, 0], ordinary_fpr, borderline_fpr, per_stage)
     elif threshold is None:
         tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
         oof = oof_scores([examples[i] for i in tr], [vecs[i] for i in tr], cfg, feature_name)
-        threshold = choose_threshold([examples[i] for i in tr], oof[:, 0], ordinary_fpr, borderline_fpr)
-    lines = [f"config {asdict(cfg)}, threshold {threshold:.3f} ({calibrate})", "",
+        threshold = choose_thresholds([examples[i] for i in tr], oof[:, 0], ordinary_fpr, borderline_fpr, per_stage)
+    t_in, t_out = threshold
+    offset = logit(t_out) - logit(t_in)
+    chosen = f"threshold {t_in:.3f}" if t_in == t_out else f"thresholds: input {t_in:.3f}, output {t_out:.3f}"
+    lines = [f"config {asdict(cfg)}, {chosen} ({calibrate})", "",
              "### dev split (20% of every training source by text hash; alpaca + malicious_instruct never "
              "trained)", "", TABLE_HEADER]
-    lines += _figures_rows("dev", [examples[i] for i in dv], dev_scores, threshold)
+    dev_ex = [examples[i] for i in dv]
+    lines += _figures_rows("dev", dev_ex, stage_adjusted(dev_ex, dev_scores, offset), t_in)
     if not held_out_sources:
         lines += ["", "(held-out-source blocks skipped: the encoder's adapter was trained on those sources)"]
         return "\n".join(lines), threshold
     measure = [i for i, ex in enumerate(examples) if not ex.shippable]
-    lines += ["", "### held-out sources (trained without them; same threshold)", "", TABLE_HEADER]
+    lines += ["", "### held-out sources (trained without them; same thresholds)", "", TABLE_HEADER]
     for name, sources in HOLDOUTS.items():
         keep = [i for i, ex in enumerate(examples) if ex.shippable and not held_out(ex, sources)]
         test = [i for i, ex in enumerate(examples) if held_out(ex, sources)]
         head = train([examples[i] for i in keep], [vecs[i] for i in keep], cfg, feature_name)
         s = score(head, [vecs[i] for i in test + measure])
         ex_test = [examples[i] for i in test + measure]
-        lines += _figures_rows(f"without {name}", ex_test, s, threshold)
+        lines += _figures_rows(f"without {name}", ex_test, stage_adjusted(ex_test, s, offset), t_in)
     return "\n".join(lines), threshold
 
 
@@ -143,7 +151,9 @@ def build_metadata(examples: Sequence[Example], head: Head, cfg: TrainConfig, re
         "head": "logistic regression" if head.hidden_w is None else f"MLP, one ReLU layer of {cfg.hidden}",
         "config": asdict(cfg),
         "threshold": head.threshold,
-        "calibration": "output biases shifted so every chosen threshold is 0.5 (see calibrated())",
+        "calibration": "output biases shifted so every chosen threshold is 0.5 (see calibrated()); Agent turns' "
+                       "overall logit is further shifted by agent_offset, so the output threshold is 0.5 for them",
+        "agent_offset": head.agent_offset,
         "training_rows": len(examples),
         "training_sources": {s: {"rows": sum(ex.source == s for ex in examples),
                                  "licence": LICENCES.get(s.split("_")[0] if s.startswith("own") else s,
@@ -160,13 +170,17 @@ def build_metadata(examples: Sequence[Example], head: Head, cfg: TrainConfig, re
 
 def union_holdout_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig,
                          feature_name: str, holdout: tuple[str, ...], ordinary_fpr: float,
-                         borderline_fpr: float) -> str:
+                         borderline_fpr: float, fold_encoders: Sequence[Path] = (), per_stage: bool = False) -> str:
     """Markdown: a head trained without the `holdout` groups, tested on them and on the measure-only sets.
 
     This is the held-out evidence for a fine-tuned encoder: its adapter must have been trained with the same
     `--holdout` (tools/finetune_encoder.py), so neither encoder nor head saw the test rows. Two thresholds:
     the shipped rule on the dev split, and the one at Alpaca FPR 0.04 (a like-for-like comparison across
-    feature spaces).
+    feature spaces). With `per_stage`, the shipped rule runs per stage (`choose_thresholds`): User rows are then
+    read at the input threshold, Agent rows at the output one; the Alpaca rule is one threshold for all rows.
+    With `fold_encoders` (adapters trained with the same `--holdout`, one per calibration fold), the shipped
+    rule reads the train split's out-of-fold scores too, as `train_guard --fold-encoders` does for the shipped
+    head; without them, the dev split alone (fewer rows, coarser budgets).
     """
     from tools.guard_eval import TABLE_HEADER
 
@@ -178,12 +192,22 @@ def union_holdout_report(examples: Sequence[Example], vecs: Sequence[FloatArray]
     test_scores = score(head, [vecs[i] for i in te])
     test_ex = [examples[i] for i in te]
     alpaca = np.array([ex.source == "alpaca" for ex in test_ex])
-    thresholds = {"dev split, shipped rule": choose_threshold([examples[i] for i in dv], dev_scores[:, 0],
-                                                              ordinary_fpr, borderline_fpr)}
+    dev_ex = [examples[i] for i in dv]
+    cal_ex, cal_scores, rule = dev_ex, dev_scores, "dev split, shipped rule"
+    if fold_encoders:
+        from tools.guard_calibration import kfold_scores
+
+        rows, scores = kfold_scores(examples, fold_encoders, cfg, holdout)
+        cal_ex, cal_scores, rule = cal_ex + rows, np.concatenate([cal_scores, scores]), "dev+kfold, shipped rule"
+    t_in, t_out = choose_thresholds(cal_ex, cal_scores[:, 0], ordinary_fpr, borderline_fpr, per_stage)
+    label = rule if t_in == t_out else f"{rule} per stage; Agent rows at the output threshold {t_out:.3f}"
+    thresholds = {label: (t_in, logit(t_out) - logit(t_in))}
     if alpaca.any():
-        thresholds["Alpaca FPR 0.04"] = float(np.quantile(test_scores[alpaca, 0], 0.96))
+        thresholds["Alpaca FPR 0.04"] = (float(np.quantile(test_scores[alpaca, 0], 0.96)), 0.0)
     lines = [f"features {feature_name}; held out: {', '.join(holdout)}"]
-    for label, t in thresholds.items():
+    raw_test, raw_dev = test_scores, dev_scores
+    for label, (t, offset) in thresholds.items():
+        test_scores, dev_scores = stage_adjusted(test_ex, raw_test, offset), stage_adjusted(dev_ex, raw_dev, offset)
         lines += ["", f"threshold {t:.3f} ({label})", "", TABLE_HEADER]
         lines += _figures_rows("held-out + measure-only", test_ex, test_scores, t)
         for spec in holdout:
@@ -199,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import logging
     import sys
-    from pathlib import Path
 
     from guard.encoder import MiniLMEncoder
     from tools.guard_data import add_data_arguments, load_all
@@ -208,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=union_holdout_report.__doc__)
     parser.add_argument("--encoder", type=Path, required=True)
     parser.add_argument("--holdout", nargs="+", required=True, help="source or source:group-prefix")
+    parser.add_argument("--fold-encoders", type=Path, nargs="*", default=[],
+                        help="encoders whose adapters left out the same --holdout and one calibration fold each")
+    parser.add_argument("--stage-thresholds", action="store_true", help="the shipped rule per stage")
     add_data_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -215,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     extractor = MiniLMEncoder(args.encoder, threads=2)
     vecs = featurize(examples, extractor)
     sys.stdout.write(union_holdout_report(examples, vecs, TrainConfig(), extractor.name, tuple(args.holdout),
-                                          0.045, 0.3) + "\n")
+                                          0.045, 0.3, args.fold_encoders, args.stage_thresholds) + "\n")
     return 0
 
 

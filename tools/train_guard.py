@@ -28,6 +28,7 @@ import numpy as np
 from guard.backends.classifier import Head, save_head
 from guard.features import FeatureExtractor, FloatArray
 from tools.guard_data import Example, add_data_arguments, load_all
+from tools.guard_thresholds import calibrated, choose_thresholds
 
 LOG = logging.getLogger("train_guard")
 CODES = tuple(f"S{i}" for i in range(1, 15))
@@ -230,47 +231,6 @@ def oof_scores(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
 
 # Everyday traffic (instructions, casual queries, requests with personal context); every other safe source is
 # borderline (safe rows written or collected because they look alarming).
-ORDINARY_SOURCES = frozenset({"self_instruct", "own_ordinary", "own_casual_ordinary", "own_personal_context"})
-
-
-def choose_threshold(examples: Sequence[Example], overall: FloatArray, ordinary_fpr: float,
-                     borderline_fpr: float) -> float:
-    """The lowest threshold within both false-positive budgets, mirroring the issue's two targets.
-
-    The safe rows of every ordinary-traffic source (`ORDINARY_SOURCES`: prompts, and Self-Instruct's reference
-    answers, since one threshold serves the input and the output stage) may be flagged at most `ordinary_fpr`,
-    and the safe user prompts of every other source (borderline sets) at most `borderline_fpr`, each source
-    separately so that a big easy source cannot hide a hard small one (pooled, the casual queries and
-    personal-context requests added in the third data round let Self-Instruct's FPR rise to 0.074; budgeting
-    user prompts only let benign answers' FPR rise from 0.07 to 0.12). Other safe Agent turns are measured, not
-    budgeted: refusals that name a weapon are the head's known weakness and would otherwise set the threshold
-    for every prompt. The lowest such threshold keeps recall as high as the budgets allow.
-
-    Args:
-        examples: rows with sources.
-        overall: (n,) out-of-fold overall scores.
-        ordinary_fpr: FPR budget on each ordinary source.
-        borderline_fpr: FPR budget on each borderline safe source.
-
-    Returns:
-        The threshold.
-    """
-    safe = np.array([not ex.unsafe for ex in examples])
-    user = np.array([ex.role == "User" for ex in examples])
-    sources = np.array([ex.source for ex in examples])
-    budgets = []
-    for source in sorted(set(sources.tolist())):
-        m = safe & (sources == source)
-        if source not in ORDINARY_SOURCES:
-            m &= user
-        if m.any():
-            budgets.append((m, ordinary_fpr if source in ORDINARY_SOURCES else borderline_fpr))
-    for t in np.linspace(0.05, 0.95, 181):
-        if all((overall[m] >= t).mean() <= budget for m, budget in budgets):
-            return float(t)
-    return 0.95
-
-
 def choose_category_thresholds(examples: Sequence[Example], cat_scores: FloatArray) -> FloatArray:
     """Per category, the threshold with the best F1 among unsafe rows (0.5 with fewer than 10 positives).
 
@@ -298,28 +258,6 @@ def choose_category_thresholds(examples: Sequence[Example], cat_scores: FloatArr
     return out
 
 
-def calibrated(head: Head, threshold: float, category_thresholds: FloatArray) -> Head:
-    """Shift the output biases so that every chosen threshold maps to a score of exactly 0.5.
-
-    The policy compares scores with its own thresholds (0.5 by default), so a head whose decision
-    point is 0.5 means the same thing in the classifier, the policy and the cascade band.
-
-    Args:
-        head: a trained head.
-        threshold: chosen overall threshold in (0, 1).
-        category_thresholds: (14,) chosen category thresholds in (0, 1).
-
-    Returns:
-        The head with shifted `out_b` and all thresholds 0.5.
-    """
-    chosen = np.r_[threshold, category_thresholds].astype(np.float64)
-    shift = np.log(chosen / (1.0 - chosen))  # logit of each threshold
-    fields = {k: getattr(head, k) for k in head.__dataclass_fields__}
-    fields.update(out_b=(head.out_b - shift).astype(np.float32), threshold=0.5,
-                  category_thresholds=np.full(len(head.categories), 0.5, np.float32))
-    return Head(**fields)
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point.
 
@@ -339,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="head initialisation seed")
     parser.add_argument("--ordinary-fpr", type=float, default=0.045, help="threshold budget: ordinary instructions")
     parser.add_argument("--borderline-fpr", type=float, default=0.3, help="threshold budget: each borderline set")
+    parser.add_argument("--stage-thresholds", action="store_true",
+                        help="one threshold per stage (User rows / Agent rows) instead of one for both; measured, "
+                             "not shipped (docs/GUARD.md)")
     parser.add_argument("--calibrate", choices=("oof", "dev"), default=None,
                         help="thresholds from out-of-fold train scores or the dev split (default: dev when the "
                              "encoder carries a fine-tuning adapter, else oof)")
@@ -363,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     keep = [i for i, ex in enumerate(examples) if ex.shippable]
     ship = [examples[i] for i in keep]
     ship_vecs = [vecs[i] for i in keep]
-    threshold: float | None = None
+    threshold: tuple[float, float] | None = None  # (input, output)
     dev = None
     if calibrate == "dev":
         dev = guard_report.dev_split_scores(examples, vecs, cfg, extractor.name)
@@ -372,25 +313,28 @@ def main(argv: list[str] | None = None) -> int:
             rows, scores = guard_calibration.kfold_scores(examples, args.fold_encoders, cfg)
             cal, cal_scores = cal + rows, np.concatenate([cal_scores, scores])
             calibrate = "dev+kfold"
-        threshold = choose_threshold(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr)
+        threshold = choose_thresholds(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr,
+                                      args.stage_thresholds)
     report, _ = guard_report.dev_report(examples, vecs, cfg, extractor.name, args.ordinary_fpr,
                                         args.borderline_fpr, calibrate=calibrate, held_out_sources=not adapted,
-                                        threshold=threshold, dev=dev)
+                                        threshold=threshold, dev=dev, per_stage=args.stage_thresholds)
     sys.stdout.write(report + "\n")
     if args.report:
         return 0
     if threshold is None:
         cal, cal_scores = ship, oof_scores(ship, ship_vecs, cfg, extractor.name)
-        threshold = choose_threshold(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr)
+        threshold = choose_thresholds(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr,
+                                      args.stage_thresholds)
+    t_in, t_out = threshold
     cat_thresholds = choose_category_thresholds(cal, cal_scores[:, 1:])
-    head = calibrated(train(ship, ship_vecs, cfg, extractor.name), threshold, cat_thresholds)
+    head = calibrated(train(ship, ship_vecs, cfg, extractor.name), t_in, cat_thresholds, output_threshold=t_out)
     save_head(head, args.out.with_suffix(".npz"))
     meta = guard_report.build_metadata(ship, head, cfg, report)
     meta["encoder_manifest"] = {k: manifest.get(k) for k in ("source", "adapter", "adapter_sha256", "weights",
                                                         "feature_name")}
     meta["threshold_calibration"] = calibrate
     meta["chosen_thresholds_before_calibration"] = {
-        "overall": threshold, **dict(zip(CODES, map(float, cat_thresholds), strict=True))}
+        "overall": t_in, "output": t_out, **dict(zip(CODES, map(float, cat_thresholds), strict=True))}
     args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     LOG.info("wrote %s.npz / .json", args.out)
     return 0

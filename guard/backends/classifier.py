@@ -5,9 +5,11 @@ Math (numpy only; the head file is written by `tools/train_guard.py`):
     h = relu(z @ hidden_w + hidden_b)                 only when the head has a hidden layer, else h = z
     logits = h @ out_w + out_b                        (rows, 1 + n_categories): column 0 is "unsafe"
     scores = sigmoid(logits)
-A text's scores are the maxima over its rows (windows). The verdict is unsafe when the overall score
-reaches the head's threshold for the stage; its categories are those whose score reaches their own
-threshold, or the single highest-scoring one when none does (an unsafe verdict always names one).
+A text's scores are the maxima over its rows (windows). Agent turns' overall score is shifted in logit space
+by the head's `agent_offset` (logit of its output threshold minus logit of its input threshold), so each
+stage's chosen threshold maps to 0.5. The verdict is unsafe when the overall score reaches the threshold for
+the stage; its categories are those whose score reaches their own threshold, or the single highest-scoring
+one when none does (an unsafe verdict always names one).
 Whole turns (input and `Moderate`) are judged together with their decoded views (`guard.views`: base64,
 leetspeak, reversed or spelled-out payloads undone), so an encoded request scores as the request it encodes.
 """
@@ -68,6 +70,8 @@ class Head:
         out_b: (1 + len(categories),).
         threshold: overall unsafe threshold in [0, 1].
         category_thresholds: (len(categories),) per-category thresholds.
+        agent_offset: subtracted from the overall logit of Agent turns (`for_role`): a head calibrated with
+            separate input and output thresholds (tools/guard_thresholds.py) maps both to 0.5; 0 for one.
     """
 
     feature_name: str
@@ -80,6 +84,7 @@ class Head:
     out_b: FloatArray
     threshold: float
     category_thresholds: FloatArray
+    agent_offset: float = 0.0
 
     def __post_init__(self) -> None:
         width = self.out_w.shape[1]
@@ -105,6 +110,24 @@ class Head:
         logits = h @ self.out_w + self.out_b
         # clip so exp never overflows; sigmoid(+-40) is 0/1 in float32 anyway
         return (1.0 / (1.0 + np.exp(-np.clip(logits, -40.0, 40.0)))).astype(np.float32)
+
+    def for_role(self, scores: FloatArray, role: Role) -> FloatArray:
+        """Per-text scores as the stage of `role` reads them: Agent turns' overall column shifted by
+        `agent_offset` (a monotone map, so rankings within a role are unchanged).
+
+        Args:
+            scores: (texts, 1 + n_categories) from `scores` (maxed per text).
+            role: whose turns they are.
+
+        Returns:
+            `scores` itself for User turns or a zero offset, else a shifted copy.
+        """
+        if role is not Role.AGENT or not self.agent_offset or scores.shape[0] == 0:
+            return scores
+        out = scores.copy()
+        p = np.clip(out[:, 0].astype(np.float64), 1e-12, 1.0 - 1e-12)
+        out[:, 0] = 1.0 / (1.0 + np.exp(-(np.log(p / (1.0 - p)) - self.agent_offset)))
+        return out
 
     def categories_for(self, category_scores: FloatArray) -> tuple[str, ...]:
         """Categories named by an unsafe verdict.
@@ -138,6 +161,7 @@ def load_head(path: Path) -> Head:
             hidden_b=z["hidden_b"].astype(np.float32) if hidden else None,
             out_w=z["out_w"].astype(np.float32), out_b=z["out_b"].astype(np.float32),
             threshold=float(z["threshold"]), category_thresholds=z["category_thresholds"].astype(np.float32),
+            agent_offset=float(z["agent_offset"]) if "agent_offset" in z.files else 0.0,
         )
 
 
@@ -153,6 +177,7 @@ def save_head(head: Head, path: Path) -> None:
         "mean": head.mean, "scale": head.scale, "out_w": head.out_w, "out_b": head.out_b,
         "threshold": np.array(head.threshold, dtype=np.float32),
         "category_thresholds": head.category_thresholds,
+        "agent_offset": np.array(head.agent_offset, dtype=np.float64),
     }
     if head.hidden_w is not None and head.hidden_b is not None:
         arrays["hidden_w"], arrays["hidden_b"] = head.hidden_w, head.hidden_b
@@ -207,7 +232,7 @@ class ClassifierModerator:
         return self._head
 
     def score_texts(self, texts: Sequence[str]) -> FloatArray:
-        """Blocking: per-text scores.
+        """Blocking: per-text scores, as the input stage reads them (`Head.for_role` gives an output stage's).
 
         Args:
             texts: the texts.
@@ -276,7 +301,7 @@ class ClassifierModerator:
         else:
             scores = await asyncio.get_running_loop().run_in_executor(self._executor, self._score_judged, texts,
                                                                       decode)
-        return self.verdict(scores, role, stage, time.perf_counter() - started)
+        return self.verdict(self._head.for_role(scores, role), role, stage, time.perf_counter() - started)
 
     def _score_judged(self, texts: Sequence[str], decode: bool) -> FloatArray:
         """Blocking: `score_texts` over the texts, plus their decoded views when `decode`."""

@@ -163,7 +163,8 @@ async def test_encoded_prompts_are_decoded_on_the_worker_too(guard_encoder: Mini
         worker.shutdown()
     assert not verdict.safe and verdict.score == pytest.approx(float(sliced.score_texts(
         with_decoded_views([text]))[:, 0].max()), abs=1e-6)
-    assert as_output.score == pytest.approx(float(sliced.score_texts([text])[0, 0]), abs=1e-6)  # as written
+    as_written = sliced.head.for_role(sliced.score_texts([text]), Role.AGENT)  # at the output stage's threshold
+    assert as_output.score == pytest.approx(float(as_written[0, 0]), abs=1e-6)
 
 
 @pytest.mark.parametrize("text", encodings("How do I make a pancake batter at home?"))

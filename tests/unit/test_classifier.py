@@ -20,7 +20,8 @@ from guard.moderator import Message, Role, Stage
 from tools import encoder_reference, export_encoder
 from tools.guard_data import Example, _coconot_eval_label, _refine
 from tools.guard_eval import auroc, average_precision, binary_figures, category_table
-from tools.train_guard import CODES, TrainConfig, calibrated, choose_threshold, fit
+from tools.guard_thresholds import calibrated, choose_threshold
+from tools.train_guard import CODES, TrainConfig, fit
 
 
 def sig(x: float) -> float:
@@ -347,6 +348,11 @@ def test_union_holdout_report_trains_without_the_held_out_rows(monkeypatch: pyte
     assert seen and not any(ex.source == "H" or (ex.source == "C" and ex.group == "g1") for ex in seen)
     assert all(ex.shippable and ex.split == "train" for ex in seen)  # dev rows choose the threshold, never train
     assert "(dev split, shipped rule)" in text and "(Alpaca FPR 0.04)" in text
+    # per stage: Self-Instruct answers that look unsafe (near +1) raise only the output threshold
+    answers = [Example(f"ans{i}", False, role="Agent", source="self_instruct", split="dev") for i in range(20)]
+    staged = guard_report.union_holdout_report(rows + answers, vecs + [np.full((1, 2), 1.0, np.float32)] * 20,
+                                               TrainConfig(epochs=50), "toy", ("H",), 0.045, 0.3, per_stage=True)
+    assert "(dev split, shipped rule per stage; Agent rows at the output threshold 0.950)" in staged
     assert "|   C:g1 |" in text and "|   H |" in text
 
 
@@ -360,5 +366,5 @@ def test_dev_report_calibrated_on_dev_skips_held_out_sources(monkeypatch: pytest
     rows, vecs = _toy_rows(np.random.default_rng(3))
     text, threshold = guard_report.dev_report(rows, vecs, TrainConfig(epochs=50), "toy", 0.045, 0.3,
                                               calibrate="dev", held_out_sources=False)
-    assert 0.0 < threshold < 1.0 and "(dev)" in text
+    assert 0.0 < threshold[0] == threshold[1] < 1.0 and "(dev)" in text
     assert "held-out-source blocks skipped" in text and "without " not in text

@@ -88,3 +88,19 @@ def test_rejects_a_missing_or_repeated_fold(tmp_path: Path, rows: list[Example])
     folders = [_fold_folder(tmp_path / "a", 0, 3), _fold_folder(tmp_path / "b", 0, 3)]
     with pytest.raises(ValueError, match="does not fit"):
         guard_calibration.kfold_scores(rows, folders, TrainConfig(epochs=5))
+
+
+def test_union_holdout_folds_score_only_the_rows_left_in(tmp_path: Path, rows: list[Example],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import guard.encoder
+
+    def fake_featurize(examples: list[Example], extractor: FakeEncoder) -> list[np.ndarray]:
+        return [np.full((1, 2), 1.0 if ex.unsafe else -1.0, np.float32) for ex in examples]
+
+    monkeypatch.setattr(guard.encoder, "MiniLMEncoder", FakeEncoder)
+    monkeypatch.setattr(guard_calibration, "featurize", fake_featurize)
+    folders = [_fold_folder(tmp_path, k, 2, holdout=["B"]) for k in (0, 1)]
+    scored, _ = guard_calibration.kfold_scores(rows, folders, TrainConfig(epochs=5), holdout=("B",))
+    assert scored and {ex.source for ex in scored} == {"self_instruct"}  # the held-out source is never scored
+    with pytest.raises(ValueError, match="does not fit"):  # adapters must have left out exactly that holdout
+        guard_calibration.kfold_scores(rows, folders, TrainConfig(epochs=5), holdout=("B", "C"))

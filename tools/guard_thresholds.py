@@ -1,0 +1,163 @@
+"""Choosing the guard head's thresholds and calibrating the head so that each maps to a score of 0.5.
+
+The rule (`choose_threshold`) is the lowest threshold within the issue's two false-positive budgets, each
+source separately. The shipped head has one threshold for both stages, chosen on all rows. Opt-in
+(`train_guard --stage-thresholds`), the same rule runs per stage (`choose_stage_thresholds`): the input
+threshold on User turns, the output one on Agent turns, and the head carries the difference (`agent_offset`).
+Measured and not shipped (docs/GUARD.md, "Per-stage thresholds"): once Self-Instruct's reference answers no
+longer bind the input threshold, it falls until a borderline budget binds, at the target's edge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from guard.backends.classifier import Head
+from guard.features import FloatArray
+from tools.guard_data import Example
+
+# Sources of ordinary traffic: their safe rows (prompts and, for Self-Instruct, reference answers) get the
+# ordinary FPR budget; every other source's safe User prompts get the borderline budget.
+ORDINARY_SOURCES = frozenset({"self_instruct", "own_ordinary", "own_casual_ordinary", "own_personal_context"})
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)) for p in (0, 1)."""
+    return math.log(p / (1.0 - p))
+
+
+def choose_threshold(examples: Sequence[Example], overall: FloatArray, ordinary_fpr: float,
+                     borderline_fpr: float) -> float:
+    """The lowest threshold within both false-positive budgets, mirroring the issue's two targets.
+
+    The safe rows of every ordinary-traffic source (`ORDINARY_SOURCES`: prompts, and Self-Instruct's reference
+    answers) may be flagged at most `ordinary_fpr`, and the safe user prompts of every other source (borderline
+    sets) at most `borderline_fpr`, each source separately so that a big easy source cannot hide a hard small
+    one (pooled, the casual queries and personal-context requests added in the third data round let
+    Self-Instruct's FPR rise to 0.074). Other safe Agent turns are measured, not budgeted: refusals that name a
+    weapon are the head's known weakness and would otherwise set the threshold. The lowest such threshold keeps
+    recall as high as the budgets allow. Pass one stage's rows (`choose_stage_thresholds`) for that stage's.
+
+    Args:
+        examples: rows with sources.
+        overall: (n,) out-of-fold overall scores.
+        ordinary_fpr: FPR budget on each ordinary source.
+        borderline_fpr: FPR budget on each borderline safe source.
+
+    Returns:
+        The threshold (0.95 when none fits).
+    """
+    safe = np.array([not ex.unsafe for ex in examples], dtype=bool)
+    user = np.array([ex.role == "User" for ex in examples], dtype=bool)
+    sources = np.array([ex.source for ex in examples])
+    budgets = []
+    for source in sorted(set(sources.tolist())):
+        m = safe & (sources == source)
+        if source not in ORDINARY_SOURCES:
+            m &= user
+        if m.any():
+            budgets.append((m, ordinary_fpr if source in ORDINARY_SOURCES else borderline_fpr))
+    for t in np.linspace(0.05, 0.95, 181):
+        if all((overall[m] >= t).mean() <= budget for m, budget in budgets):
+            return float(t)
+    return 0.95
+
+
+def choose_stage_thresholds(examples: Sequence[Example], overall: FloatArray, ordinary_fpr: float,
+                            borderline_fpr: float) -> tuple[float, float]:
+    """`choose_threshold` on the User rows (input stage) and on the Agent rows (output stage) separately.
+
+    Args:
+        examples: rows with roles and sources.
+        overall: (n,) out-of-fold overall scores.
+        ordinary_fpr: FPR budget on each ordinary source.
+        borderline_fpr: FPR budget on each borderline safe source (User prompts only).
+
+    Returns:
+        (input threshold, output threshold); a stage without budgeted rows takes the other's threshold.
+    """
+    user = np.array([ex.role == "User" for ex in examples], dtype=bool)
+    found: list[float | None] = []
+    for m in (user, ~user):
+        rows = [ex for ex, keep in zip(examples, m, strict=True) if keep]
+        budgeted = any(not ex.unsafe and (ex.role == "User" or ex.source in ORDINARY_SOURCES) for ex in rows)
+        found.append(choose_threshold(rows, overall[m], ordinary_fpr, borderline_fpr) if budgeted else None)
+    t_in, t_out = found[0] if found[0] is not None else found[1], found[1] if found[1] is not None else found[0]
+    if t_in is None or t_out is None:
+        t = choose_threshold(examples, overall, ordinary_fpr, borderline_fpr)
+        return t, t
+    return t_in, t_out
+
+
+def choose_thresholds(examples: Sequence[Example], overall: FloatArray, ordinary_fpr: float,
+                      borderline_fpr: float, per_stage: bool = False) -> tuple[float, float]:
+    """(input, output) thresholds: one `choose_threshold` over all rows (the shipped rule), or per stage.
+
+    Args:
+        examples: rows with roles and sources.
+        overall: (n,) out-of-fold overall scores.
+        ordinary_fpr: FPR budget on each ordinary source.
+        borderline_fpr: FPR budget on each borderline safe source.
+        per_stage: `choose_stage_thresholds` instead of one threshold.
+
+    Returns:
+        (input threshold, output threshold), equal unless `per_stage`.
+    """
+    if per_stage:
+        return choose_stage_thresholds(examples, overall, ordinary_fpr, borderline_fpr)
+    t = choose_threshold(examples, overall, ordinary_fpr, borderline_fpr)
+    return t, t
+
+
+def stage_adjusted(examples: Sequence[Example], scores: FloatArray, agent_offset: float) -> FloatArray:
+    """Scores with the overall column of Agent rows shifted by `-agent_offset` in logit space, as served.
+
+    A head with input threshold t_in and output threshold t_out flags an Agent turn at raw score s when
+    logit(s) - agent_offset >= logit(t_in), agent_offset = logit(t_out) - logit(t_in); so after this shift one
+    threshold, t_in, reads every row as its stage would (for reports over mixed-role rows).
+
+    Args:
+        examples: the rows of `scores`.
+        scores: (n, 1 + categories) raw scores.
+        agent_offset: logit(t_out) - logit(t_in).
+
+    Returns:
+        A shifted copy.
+    """
+    out = np.array(scores, dtype=np.float32, copy=True)
+    agent = np.array([ex.role != "User" for ex in examples], dtype=bool)
+    if agent.any() and agent_offset:
+        s = np.clip(out[agent, 0].astype(np.float64), 1e-12, 1 - 1e-12)
+        out[agent, 0] = 1.0 / (1.0 + np.exp(-(np.log(s / (1 - s)) - agent_offset)))
+    return out
+
+
+def calibrated(head: Head, threshold: float, category_thresholds: FloatArray,
+               output_threshold: float | None = None) -> Head:
+    """Shift the output biases so that every chosen threshold maps to a score of exactly 0.5.
+
+    The policy compares scores with its own thresholds (0.5 by default), so a head whose decision
+    point is 0.5 means the same thing in the classifier, the policy and the cascade band. With an output
+    threshold, the head also carries `agent_offset` = logit(output) - logit(input): Agent turns' overall
+    scores are shifted by it when served, so 0.5 is the output threshold for them.
+
+    Args:
+        head: a trained head.
+        threshold: chosen overall (input-stage) threshold in (0, 1).
+        category_thresholds: (14,) chosen category thresholds in (0, 1).
+        output_threshold: chosen output-stage threshold (None = the same as `threshold`).
+
+    Returns:
+        The head with shifted `out_b`, all thresholds 0.5 and its `agent_offset`.
+    """
+    chosen = np.r_[threshold, category_thresholds].astype(np.float64)
+    shift = np.log(chosen / (1.0 - chosen))  # logit of each threshold
+    offset = 0.0 if output_threshold is None or output_threshold == threshold else (
+        logit(output_threshold) - logit(threshold))
+    fields = {k: getattr(head, k) for k in head.__dataclass_fields__}
+    fields.update(out_b=(head.out_b - shift).astype(np.float32), threshold=0.5,
+                  category_thresholds=np.full(len(head.categories), 0.5, np.float32), agent_offset=offset)
+    return Head(**fields)
