@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from service._pb.sluice.v1 import generation_pb2, generation_pb2_grpc, moderation_pb2, moderation_pb2_grpc
 from service.config import Config, SecurityConfig, ServerConfig
 from service.errors import ErrorInterceptor, MalformedRequestInterceptor
-from service.handlers import rebuild
+from service.handlers import behavior_of, rebuild
 from service.servicer import GenerationServicer, Lifecycle, ModerationServicer
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ GENERATION = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].ful
 MODERATION = moderation_pb2.DESCRIPTOR.services_by_name["ModerationService"].full_name
 # Health and reflection stay open under token auth: probes and grpcurl must work without the token.
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# After the engine stops, how long a drain waits for the calls it ended to finish their last step (the error
+# status, the request log line) before the server stops: the server cancels what is still running.
+FINISH_SECONDS = 2.0
 
 
 def channel_options(cfg: ServerConfig) -> list[tuple[str, Any]]:
@@ -71,6 +75,59 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return _deny(handler)
 
 
+class ActiveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Outermost interceptor: counts the Generation and Moderation calls still running, observers included.
+
+    A call the drain ended (engine stopped, UNAVAILABLE) still has steps to run after its handler gives up:
+    the error status, the request log line, the metrics. `grpc.aio.Server.stop` does not wait for those and
+    cancels them, and grpc logs the cancellation with a traceback; the drain waits for `quiet` first.
+    Health and reflection calls (long-lived Watch streams) are not counted.
+    """
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.quiet = asyncio.Event()
+        self.quiet.set()
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES):
+            return handler
+        behavior = behavior_of(handler)
+        if inspect.isasyncgenfunction(behavior):
+            return rebuild(handler, self._wrap_stream(behavior))
+        if inspect.iscoroutinefunction(behavior):
+            return rebuild(handler, self._wrap_unary(behavior))
+        return handler  # a sync handler runs in grpc's thread pool; the server registers none
+
+    @contextlib.contextmanager
+    def _counted(self) -> Any:
+        self.running += 1
+        self.quiet.clear()
+        try:
+            yield
+        finally:
+            self.running -= 1
+            if not self.running:
+                self.quiet.set()
+
+    def _wrap_unary(self, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+        async def wrapped(request: Any, context: Any) -> Any:
+            with self._counted():
+                return await behavior(request, context)
+
+        return wrapped
+
+    def _wrap_stream(self, behavior: Callable[[Any, Any], AsyncIterator[Any]]
+                     ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
+            with self._counted():
+                async for response in behavior(request, context):
+                    yield response
+
+        return wrapped
+
+
 def _deny(handler: Any) -> Any:
     """A handler of the same kind that aborts with UNAUTHENTICATED before any work is done."""
 
@@ -105,6 +162,7 @@ class SluiceServer:
     health: health.aio.HealthServicer
     life: Lifecycle
     grace_seconds: float
+    calls: ActiveCalls = field(default_factory=ActiveCalls)
     on_drain: list[Callable[[], None]] = field(default_factory=list)  # engine.stop_accepting, ...
     on_stop: list[Callable[[], None]] = field(default_factory=list)  # engine.stop, ...
 
@@ -124,6 +182,8 @@ class SluiceServer:
             await asyncio.wait_for(self.life.idle.wait(), self.grace_seconds)
         for fn in self.on_stop:
             await asyncio.get_running_loop().run_in_executor(None, fn)  # remaining streams end UNAVAILABLE
+        with contextlib.suppress(TimeoutError):  # their last steps (status, log line), not cancelled mid-way
+            await asyncio.wait_for(self.calls.quiet.wait(), FINISH_SECONDS)
         await self.server.stop(1.0)
         log.info("stopped")
 
@@ -131,10 +191,11 @@ class SluiceServer:
 async def start_server(config: Config, generation: GenerationServicer, moderation: ModerationServicer,
                        life: Lifecycle, auth_token: str | None,
                        extra_interceptors: Sequence[Any] = ()) -> SluiceServer:
-    # extra_interceptors run outermost (first), so an observing one (grpc_metrics.CallInterceptor) sees the
+    # extra_interceptors run first after ActiveCalls, so an observing one (grpc_metrics.CallInterceptor) sees the
     # statuses the error mapping and the auth check produce. The auth check comes before the error mapping:
     # a caller without the token learns UNAUTHENTICATED, never how its request parsed or validated.
-    interceptors: list[Any] = list(extra_interceptors)
+    calls = ActiveCalls()  # outermost: a call counts until every other layer is done with it
+    interceptors: list[Any] = [calls, *extra_interceptors]
     if auth_token:
         interceptors.append(TokenAuthInterceptor(auth_token))
     interceptors.extend((ErrorInterceptor(), MalformedRequestInterceptor()))
@@ -150,7 +211,7 @@ async def start_server(config: Config, generation: GenerationServicer, moderatio
     addr = f"{config.server.host}:{config.server.port}"
     creds = server_credentials(config.security)
     port = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
-    s = SluiceServer(server, port, hs, life, config.server.grace_seconds)
+    s = SluiceServer(server, port, hs, life, config.server.grace_seconds, calls)
     await s.set_serving(False)  # until the model is loaded and warmed up
     await server.start()
     return s
