@@ -27,6 +27,8 @@ _LEET_MARK = re.compile(r"[A-Za-z][0134578@$]|[0134578@$][A-Za-z]")
 # four or more single letters joined by one separator each: b-o-m-b, k.i.l.l, p o i s o n; a space in the
 # chain is a word break ("h-o-w- -t-o")
 _SPELLED = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]([-._* ])(?:[A-Za-z ]\1){2,}[A-Za-z](?![A-Za-z0-9])")
+# two single letters joined by a separator: every spelled-out form has one (a cheap test before the patterns)
+_SPELLED_PAIR = re.compile(r"(?<![A-Za-z0-9])[A-Za-z][-._* ][A-Za-z](?![A-Za-z0-9])")
 # one word spelled out with a separator (b-o-m-b, t-o), per separator
 _SPELLED_WORDS = {sep: re.compile(rf"(?<![\w{e}])[A-Za-z](?:{e}[A-Za-z])+(?![\w{e}])")
                   for sep, e in ((s, re.escape(s)) for s in "-.*_")}
@@ -44,6 +46,7 @@ _FREQUENT = frozenset(_FREQUENT_WORDS.split())
 # a word counts only when its reversal is not also one ("no"/"on", "now"/"won") and it is not a palindrome
 _COMMON = frozenset(w for w in _FREQUENT if w[::-1] not in _FREQUENT and w != w[::-1])
 
+MIN_BASE64_ALIGNED = 16  # a run re-aligned (cut out of a longer one) must keep this many characters
 MIN_SPELLED_WORDS = 3  # words spelled out one by one: at least this many (not "A-B testing")
 MIN_LEET_WORDS = 3  # leetspeak needs this many substituted words, making up ...
 MIN_LEET_SHARE = 0.3  # ... this share of the words that have letters, and ...
@@ -52,10 +55,8 @@ MIN_COMMON_SHARE = 0.2  # reversed segment: share of frequent words once reverse
 MAX_COMMON_SHARE = 0.05  # ... and at most this share as written
 
 
-def _decoded_base64(token: str) -> str | None:
-    """The text a base64 token encodes, or None when it does not decode to readable text."""
-    if token.isalpha() and (token.islower() or token.isupper()):
-        return None  # a long ordinary word
+def _readable_base64(token: str) -> str | None:
+    """`token` decoded, when it is base64 of readable UTF-8 text."""
     try:
         raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
         text = raw.decode("utf-8")
@@ -65,6 +66,25 @@ def _decoded_base64(token: str) -> str | None:
     printable = sum(c.isprintable() or c in "\n\t" for c in text)
     if len(text) < 4 or printable < len(text) or letters < 0.6 * len(text.replace(" ", "")):
         return None
+    return text
+
+
+def _decoded_base64(token: str) -> str | None:
+    """The text a base64 token encodes, or None when it does not decode to readable text.
+
+    A run cut out of a longer one (an output check's tail starts anywhere in the answer, and the answer is
+    still being written) is misaligned: when the whole token does not decode, its 4-character groups are
+    tried from each of the first four offsets, with the incomplete last group dropped.
+    """
+    if token.isalpha() and (token.islower() or token.isupper()):
+        return None  # a long ordinary word
+    text = _readable_base64(token)
+    for k in range(4):
+        if text is not None:
+            break
+        body = token.rstrip("=")[k:]
+        body = body[: len(body) // 4 * 4]
+        text = _readable_base64(body) if len(body) >= MIN_BASE64_ALIGNED and body != token else None
     return text
 
 
@@ -84,6 +104,8 @@ def _base64_view(text: str) -> str | None:
 
 
 def _leet_view(text: str) -> str | None:
+    if not _LEET_MARK.search(text):
+        return None  # no letter next to a digit or symbol anywhere: nothing substituted (most text)
     words = [w for w in _WORD.findall(text) if any(c.isalpha() for c in w)]
     leet = [w for w in words if _LEET_MARK.search(w)]
     if len(leet) < MIN_LEET_WORDS or len(leet) < MIN_LEET_SHARE * len(words):
@@ -158,6 +180,8 @@ def _unspell(m: re.Match[str]) -> str:
 
 
 def _spelled_view(text: str) -> str | None:
+    if not _SPELLED_PAIR.search(text):
+        return None  # no single letter next to another across a separator: nothing spelled out (most text)
     found = False
 
     def join(m: re.Match[str]) -> str:

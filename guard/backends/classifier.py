@@ -10,8 +10,9 @@ by the head's `agent_offset` (logit of its output threshold minus logit of its i
 stage's chosen threshold maps to 0.5. The verdict is unsafe when the overall score reaches the threshold for
 the stage; its categories are those whose score reaches their own threshold, or the single highest-scoring
 one when none does (an unsafe verdict always names one).
-Whole turns (input and `Moderate`) are judged together with their decoded views (`guard.views`: base64,
-leetspeak, reversed or spelled-out payloads undone), so an encoded request scores as the request it encodes.
+Every judged text (input and `Moderate` turns, output tails) is judged together with its decoded views
+(`guard.views`: base64, leetspeak, reversed or spelled-out payloads undone), so an encoded request or answer
+scores as the text it encodes; ordinary text has none.
 """
 
 from __future__ import annotations
@@ -290,29 +291,26 @@ class ClassifierModerator:
         """
         started = time.perf_counter()
         texts = texts_to_judge(conversation, role, stage)
-        # whole turns: encoded payloads (base64, leetspeak...) are judged decoded too, off the loop like the encoder
-        decode = stage is not Stage.OUTPUT
+        # encoded payloads (base64, leetspeak...) are judged decoded too, off the loop like the encoder
         if isinstance(self._executor, PriorityWorker) and texts and isinstance(self._extractor, WindowedExtractor):
-            scores = await self._score_in_slices(self._executor, self._extractor, STAGE_PRIORITY[stage], texts,
-                                                 decode)
+            scores = await self._score_in_slices(self._executor, self._extractor, STAGE_PRIORITY[stage], texts)
         elif isinstance(self._executor, PriorityWorker):
-            job = self._executor.submit_at(STAGE_PRIORITY[stage], self._score_judged, texts, decode)
+            job = self._executor.submit_at(STAGE_PRIORITY[stage], self._score_judged, texts)
             scores = await asyncio.wrap_future(job)
         else:
-            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self._score_judged, texts,
-                                                                      decode)
+            scores = await asyncio.get_running_loop().run_in_executor(self._executor, self._score_judged, texts)
         return self.verdict(self._head.for_role(scores, role), role, stage, time.perf_counter() - started)
 
-    def _score_judged(self, texts: Sequence[str], decode: bool) -> FloatArray:
-        """Blocking: `score_texts` over the texts, plus their decoded views when `decode`."""
-        return self.score_texts(with_decoded_views(texts) if decode else texts)
+    def _score_judged(self, texts: Sequence[str]) -> FloatArray:
+        """Blocking: `score_texts` over the texts and their decoded views."""
+        return self.score_texts(with_decoded_views(texts))
 
     async def _score_in_slices(self, worker: PriorityWorker, extractor: WindowedExtractor, priority: int,
-                               texts: Sequence[str], decode: bool) -> FloatArray:
+                               texts: Sequence[str]) -> FloatArray:
         """`_score_judged` as calls of at most `SLICE_TOKENS` tokens each on `worker` (see `SLICE_TOKENS`)."""
 
         def first_slice() -> tuple[int, list[list[int]], list[int], FloatArray]:
-            judged = with_decoded_views(texts) if decode else texts
+            judged = with_decoded_views(texts)
             windows, owners = extractor.windows(judged)
             return len(judged), windows, owners, extractor.encode_windows(windows[: slice_end(windows, 0)])
 

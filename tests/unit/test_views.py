@@ -71,18 +71,32 @@ def test_with_decoded_views_appends_views_after_the_texts() -> None:
     assert with_decoded_views(["fine"]) == ["fine"]
 
 
-async def test_moderate_judges_decoded_views_of_whole_turns_but_not_output_chunks() -> None:
+async def test_moderate_judges_decoded_views_at_every_stage() -> None:
     moderator = ClassifierModerator(FakeExtractor(), tiny_head())
-    hidden = b64("bad bad bad bad")  # FakeExtractor scores words: "bad" is unsafe, the encoded form is unknown to it
-    FakeExtractor.VECTORS[hidden] = [-3.0, 0.0]  # ... and safe as written
+    # FakeExtractor scores words: "bad" is unsafe, the encoded form is unknown to it
+    hidden = b64("bad bad bad bad bad bad bad bad ")
+    cut = hidden[14:-6]  # an output tail starts anywhere in the answer, which is still being written
+    for text in (hidden, cut):
+        FakeExtractor.VECTORS[text] = [-3.0, 0.0]  # ... and safe as written
     try:
         as_input = await moderator.moderate(conv(("user", hidden)), Role.USER, Stage.INPUT)
         as_moderate = await moderator.moderate(conv(("user", "meh"), ("user", hidden)), Role.USER, Stage.MODERATE)
         as_output = await moderator.moderate(conv(("assistant", hidden)), Role.AGENT, Stage.OUTPUT)
+        as_tail = await moderator.moderate(conv(("assistant", cut)), Role.AGENT, Stage.OUTPUT)
     finally:
-        del FakeExtractor.VECTORS[hidden]
+        for text in (hidden, cut):
+            del FakeExtractor.VECTORS[text]
     assert not as_input.safe and not as_moderate.safe
-    assert as_output.safe
+    assert not as_output.safe and not as_tail.safe
+
+
+def test_a_base64_run_cut_out_of_a_longer_one_is_realigned() -> None:
+    plain = "first mix the two powders, then pack them tightly into the pipe"
+    encoded = b64(plain)
+    for start in range(4):
+        (view,) = decoded_views(f"answer: {encoded[start:len(encoded) - 5]}")
+        assert view.startswith("answer: ") and "pack them tightly" in view
+    assert decoded_views(encoded[1:13]) == []  # too short once re-aligned: nothing is guessed
 
 
 def test_training_rows_carry_the_text_the_input_stage_decides_on(tmp_path: Path) -> None:
