@@ -66,9 +66,10 @@ def fold_of(text: str, folds: int) -> int:
 def _ex(text: str, unsafe: bool, cats: tuple[str, ...], source: str, group: str, role: str = "User") -> Example:
     text = text.strip()
     base = source.split("_")[0] if source not in LICENCES else source
-    # an encoded User turn is judged by its decoded view at serving time (guard/views.py), so that is the text
-    # its label belongs to; the encoded form alone (a wrapper around gibberish) would teach the wrapper
-    views = decoded_views(text) if role == "User" else []
+    # an encoded turn is judged by its decoded view at serving time (guard/views.py; inputs and output tails
+    # alike), so that is the text its label belongs to; the encoded form alone (a wrapper around gibberish)
+    # would teach the wrapper. (No Agent row of ours is encoded: the same rows either way.)
+    views = decoded_views(text)
     return Example(views[-1] if views else text, unsafe, cats if unsafe else (), role, source, group,
                    shippable=base not in MEASURE_ONLY and source not in MEASURE_ONLY,
                    split=_split_of(text, source))
