@@ -78,14 +78,14 @@ def _decoded_base64(token: str) -> str | None:
     """
     if token.isalpha() and (token.islower() or token.isupper()):
         return None  # a long ordinary word
-    text = _readable_base64(token)
+    if (text := _readable_base64(token)) is not None:
+        return text
+    stripped = token.rstrip("=")
     for k in range(4):
-        if text is not None:
-            break
-        body = token.rstrip("=")[k:]
-        body = body[: len(body) // 4 * 4]
-        text = _readable_base64(body) if len(body) >= MIN_BASE64_ALIGNED and body != token else None
-    return text
+        body = stripped[k : k + (len(stripped) - k) // 4 * 4]
+        if len(body) >= MIN_BASE64_ALIGNED and body != token and (text := _readable_base64(body)) is not None:
+            return text
+    return None
 
 
 def _base64_view(text: str) -> str | None:

@@ -13,7 +13,7 @@ import hmac
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +101,7 @@ class ActiveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler  # a sync handler runs in grpc's thread pool; the server registers none
 
     @contextlib.contextmanager
-    def _counted(self) -> Any:
+    def _counted(self) -> Iterator[None]:
         self.running += 1
         self.quiet.clear()
         try:
@@ -121,9 +121,11 @@ class ActiveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap_stream(self, behavior: Callable[[Any, Any], AsyncIterator[Any]]
                      ) -> Callable[[Any, Any], AsyncIterator[Any]]:
         async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
+            # aclosing: when the client goes away, the inner generators' finally blocks (the engine slot) run now
             with self._counted():
-                async for response in behavior(request, context):
-                    yield response
+                async with contextlib.aclosing(behavior(request, context)) as responses:  # type: ignore[type-var]
+                    async for response in responses:
+                        yield response
 
         return wrapped
 

@@ -95,3 +95,21 @@ async def test_drain_stops_the_server_only_after_the_ended_calls_finished() -> N
     await server.drain()
     await task
     assert order == ["call finished", "stop, running 0"]
+
+
+async def test_a_stream_closed_by_its_consumer_closes_the_inner_one_at_once() -> None:
+    calls = ActiveCalls()
+    closed: list[str] = []
+
+    async def stream(request: Any, context: Any) -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.append("inner")  # e.g. the engine slot: freed when the client goes away, not at GC
+
+    wrapped = (await handler_for(calls, "/sluice.v1.GenerationService/Generate", stream, True)).unary_stream
+    it = wrapped(None, None)
+    assert await it.__anext__() == 1
+    await it.aclose()
+    assert closed == ["inner"] and calls.running == 0 and calls.quiet.is_set()
