@@ -19,8 +19,9 @@ from guard.backends.classifier import Head
 from guard.features import FloatArray
 from tools.guard_data import Example
 
-# Sources of ordinary traffic: their safe rows (prompts and, for Self-Instruct, reference answers) get the
-# ordinary FPR budget; every other source's safe User prompts get the borderline budget.
+# Everyday traffic (instructions, casual queries, requests with personal context): their safe rows (prompts and,
+# for Self-Instruct, reference answers) get the ordinary FPR budget. Every other safe source is borderline (rows
+# written or collected because they look alarming): its safe User prompts get the borderline budget.
 ORDINARY_SOURCES = frozenset({"self_instruct", "own_ordinary", "own_casual_ordinary", "own_personal_context"})
 
 

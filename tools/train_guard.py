@@ -229,8 +229,6 @@ def oof_scores(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
     return out
 
 
-# Everyday traffic (instructions, casual queries, requests with personal context); every other safe source is
-# borderline (safe rows written or collected because they look alarming).
 def choose_category_thresholds(examples: Sequence[Example], cat_scores: FloatArray) -> FloatArray:
     """Per category, the threshold with the best F1 among unsafe rows (0.5 with fewer than 10 positives).
 
