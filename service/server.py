@@ -13,7 +13,7 @@ import hmac
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from service._pb.sluice.v1 import generation_pb2, generation_pb2_grpc, moderatio
 from service.config import Config, SecurityConfig, ServerConfig
 from service.errors import ErrorInterceptor, MalformedRequestInterceptor
 from service.handlers import behavior_of, rebuild
-from service.servicer import GenerationServicer, Lifecycle, ModerationServicer
+from service.servicer import GenerationServicer, InFlight, Lifecycle, ModerationServicer
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +75,14 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return _deny(handler)
 
 
-class ActiveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ActiveCalls(InFlight, grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Outermost interceptor: counts the Generation and Moderation calls still running, observers included.
 
     A call the drain ended (engine stopped, UNAVAILABLE) still has steps to run after its handler gives up:
     the error status, the request log line, the metrics. `grpc.aio.Server.stop` does not wait for those and
-    cancels them, and grpc logs the cancellation with a traceback; the drain waits for `quiet` first.
+    cancels them, and grpc logs the cancellation with a traceback; the drain waits for `idle` first.
     Health and reflection calls (long-lived Watch streams) are not counted.
     """
-
-    def __init__(self) -> None:
-        self.running = 0
-        self.quiet = asyncio.Event()
-        self.quiet.set()
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
@@ -100,20 +95,9 @@ class ActiveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return rebuild(handler, self._wrap_unary(behavior))
         return handler  # a sync handler runs in grpc's thread pool; the server registers none
 
-    @contextlib.contextmanager
-    def _counted(self) -> Iterator[None]:
-        self.running += 1
-        self.quiet.clear()
-        try:
-            yield
-        finally:
-            self.running -= 1
-            if not self.running:
-                self.quiet.set()
-
     def _wrap_unary(self, behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
         async def wrapped(request: Any, context: Any) -> Any:
-            with self._counted():
+            with self.track():
                 return await behavior(request, context)
 
         return wrapped
@@ -122,7 +106,7 @@ class ActiveCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                      ) -> Callable[[Any, Any], AsyncIterator[Any]]:
         async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
             # aclosing: when the client goes away, the inner generators' finally blocks (the engine slot) run now
-            with self._counted():
+            with self.track():
                 async with contextlib.aclosing(behavior(request, context)) as responses:  # type: ignore[type-var]
                     async for response in responses:
                         yield response
@@ -185,7 +169,7 @@ class SluiceServer:
         for fn in self.on_stop:
             await asyncio.get_running_loop().run_in_executor(None, fn)  # remaining streams end UNAVAILABLE
         with contextlib.suppress(TimeoutError):  # their last steps (status, log line), not cancelled mid-way
-            await asyncio.wait_for(self.calls.quiet.wait(), FINISH_SECONDS)
+            await asyncio.wait_for(self.calls.idle.wait(), FINISH_SECONDS)
         await self.server.stop(1.0)
         log.info("stopped")
 

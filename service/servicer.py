@@ -42,23 +42,17 @@ class ServingInfo:
 MODERATION_FULL = "moderation is at capacity (guard.max_moderate_calls), retry later"
 
 
-class Lifecycle:
-    """Shared drain flag and in-flight count (server.py drains on SIGTERM)."""
+class InFlight:
+    """A count of calls in progress, and an event set while it is zero (a drain waits on it, no polling)."""
 
     def __init__(self) -> None:
-        self.draining = False
         self.in_flight = 0
-        # Set while nothing is in flight, so a drain waits for it instead of polling the count.
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def check(self) -> None:
-        if self.draining:
-            raise Unavailable("server is shutting down; retry on another replica")
-
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
-        """Counts one generation call as in flight for its whole duration."""
+        """Counts one call as in flight for the duration of the block."""
         self.in_flight += 1
         self.idle.clear()
         try:
@@ -67,6 +61,18 @@ class Lifecycle:
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
+
+
+class Lifecycle(InFlight):
+    """Shared drain flag and the in-flight count of generation calls (server.py drains on SIGTERM)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draining = False
+
+    def check(self) -> None:
+        if self.draining:
+            raise Unavailable("server is shutting down; retry on another replica")
 
 
 def _raise_for(final: Final) -> None:

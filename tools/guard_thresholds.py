@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from guard.backends.classifier import Head
+from guard.backends.classifier import Head, shift_logit
 from guard.features import FloatArray
 from tools.guard_data import Example
 
@@ -51,6 +51,12 @@ def choose_threshold(examples: Sequence[Example], overall: FloatArray, ordinary_
     Returns:
         The threshold (0.95 when none fits).
     """
+    return _lowest_within(overall, _budgets(examples, ordinary_fpr, borderline_fpr))
+
+
+def _budgets(examples: Sequence[Example], ordinary_fpr: float, borderline_fpr: float
+             ) -> list[tuple[np.ndarray, float]]:
+    """(rows mask, FPR budget) per budgeted source, as `choose_threshold` describes; empty when none is."""
     safe = np.array([not ex.unsafe for ex in examples], dtype=bool)
     user = np.array([ex.role == "User" for ex in examples], dtype=bool)
     sources = np.array([ex.source for ex in examples])
@@ -61,6 +67,11 @@ def choose_threshold(examples: Sequence[Example], overall: FloatArray, ordinary_
             m &= user
         if m.any():
             budgets.append((m, ordinary_fpr if source in ORDINARY_SOURCES else borderline_fpr))
+    return budgets
+
+
+def _lowest_within(overall: FloatArray, budgets: Sequence[tuple[np.ndarray, float]]) -> float:
+    """The lowest threshold on the grid at which every budgeted source's FPR is within its budget (0.95 if none)."""
     for t in np.linspace(0.05, 0.95, 181):
         if all((overall[m] >= t).mean() <= budget for m, budget in budgets):
             return float(t)
@@ -83,11 +94,14 @@ def choose_stage_thresholds(examples: Sequence[Example], overall: FloatArray, or
     user = np.array([ex.role == "User" for ex in examples], dtype=bool)
     found: list[float | None] = []
     for m in (user, ~user):
-        rows = [ex for ex, keep in zip(examples, m, strict=True) if keep]
-        budgeted = any(not ex.unsafe and (ex.role == "User" or ex.source in ORDINARY_SOURCES) for ex in rows)
-        found.append(choose_threshold(rows, overall[m], ordinary_fpr, borderline_fpr) if budgeted else None)
-    t_in, t_out = found[0] if found[0] is not None else found[1], found[1] if found[1] is not None else found[0]
-    if t_in is None or t_out is None:
+        budgets = _budgets([ex for ex, keep in zip(examples, m, strict=True) if keep], ordinary_fpr, borderline_fpr)
+        found.append(_lowest_within(overall[m], budgets) if budgets else None)
+    t_in, t_out = found
+    if t_in is None:
+        t_in = t_out
+    if t_out is None:
+        t_out = t_in
+    if t_in is None or t_out is None:  # neither stage has a budgeted row
         t = choose_threshold(examples, overall, ordinary_fpr, borderline_fpr)
         return t, t
     return t_in, t_out
@@ -131,8 +145,7 @@ def stage_adjusted(examples: Sequence[Example], scores: FloatArray, agent_offset
     out = np.array(scores, dtype=np.float32, copy=True)
     agent = np.array([ex.role != "User" for ex in examples], dtype=bool)
     if agent.any() and agent_offset:
-        s = np.clip(out[agent, 0].astype(np.float64), 1e-12, 1 - 1e-12)
-        out[agent, 0] = 1.0 / (1.0 + np.exp(-(np.log(s / (1 - s)) - agent_offset)))
+        out[agent, 0] = shift_logit(out[agent, 0], agent_offset)  # as Head.for_role does when served
     return out
 
 

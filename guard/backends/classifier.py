@@ -47,6 +47,13 @@ STAGE_PRIORITY = {Stage.INPUT: URGENT, Stage.OUTPUT: DEFAULT_PRIORITY, Stage.MOD
 SLICE_TOKENS = 512
 
 
+def shift_logit(p: FloatArray, offset: float) -> FloatArray:
+    """sigmoid(logit(p) - offset), elementwise (float32): scores read at a threshold `offset` logits higher."""
+    q = np.clip(p.astype(np.float64), 1e-12, 1.0 - 1e-12)
+    out: FloatArray = (1.0 / (1.0 + np.exp(-(np.log(q / (1.0 - q)) - offset)))).astype(np.float32)
+    return out
+
+
 def slice_end(windows: Sequence[Sequence[int]], start: int, budget: int = SLICE_TOKENS) -> int:
     """End (exclusive) of the slice of `windows` from `start`: as many as fit in `budget` tokens, at least one."""
     end, used = start, 0
@@ -126,8 +133,7 @@ class Head:
         if role is not Role.AGENT or not self.agent_offset or scores.shape[0] == 0:
             return scores
         out = scores.copy()
-        p = np.clip(out[:, 0].astype(np.float64), 1e-12, 1.0 - 1e-12)
-        out[:, 0] = 1.0 / (1.0 + np.exp(-(np.log(p / (1.0 - p)) - self.agent_offset)))
+        out[:, 0] = shift_logit(out[:, 0], self.agent_offset)
         return out
 
     def categories_for(self, category_scores: FloatArray) -> tuple[str, ...]:

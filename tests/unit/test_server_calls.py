@@ -39,11 +39,11 @@ async def test_a_stream_counts_until_it_ends_even_when_it_raises() -> None:
     wrapped = (await handler_for(calls, "/sluice.v1.GenerationService/Generate", stream, True)).unary_stream
     it = wrapped(None, None)
     assert await it.__anext__() == 1
-    assert calls.running == 1 and not calls.quiet.is_set()
+    assert calls.in_flight == 1 and not calls.idle.is_set()
     release.set()
     with pytest.raises(RuntimeError):
         await it.__anext__()
-    assert calls.running == 0 and calls.quiet.is_set()
+    assert calls.in_flight == 0 and calls.idle.is_set()
 
 
 async def test_unary_calls_count_and_health_is_not_counted() -> None:
@@ -51,11 +51,11 @@ async def test_unary_calls_count_and_health_is_not_counted() -> None:
     seen: list[int] = []
 
     async def unary(request: Any, context: Any) -> str:
-        seen.append(calls.running)
+        seen.append(calls.in_flight)
         return "ok"
 
     wrapped = (await handler_for(calls, "/sluice.v1.ModerationService/Moderate", unary, False)).unary_unary
-    assert await wrapped(None, None) == "ok" and seen == [1] and calls.quiet.is_set()
+    assert await wrapped(None, None) == "ok" and seen == [1] and calls.idle.is_set()
     health = await handler_for(calls, "/grpc.health.v1.Health/Check", unary, False)
     assert health.unary_unary is unary  # untouched: a Watch stream would hold every drain for its timeout
 
@@ -66,7 +66,7 @@ async def test_drain_stops_the_server_only_after_the_ended_calls_finished() -> N
 
     class FakeServer:
         async def stop(self, grace: float) -> None:
-            order.append(f"stop, running {calls.running}")
+            order.append(f"stop, running {calls.in_flight}")
 
     class FakeHealth:
         async def set(self, name: str, status: Any) -> None:
@@ -112,4 +112,4 @@ async def test_a_stream_closed_by_its_consumer_closes_the_inner_one_at_once() ->
     it = wrapped(None, None)
     assert await it.__anext__() == 1
     await it.aclose()
-    assert closed == ["inner"] and calls.running == 0 and calls.quiet.is_set()
+    assert closed == ["inner"] and calls.in_flight == 0 and calls.idle.is_set()
