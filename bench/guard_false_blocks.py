@@ -5,6 +5,9 @@ The served model answers benign prompts (JSONL rows {"text", "label": "safe"}; b
 replayed through the output checks a stream would get: the text of its first k tokens (the judge's tail, as
 `service/pipeline.py` sends it) at every check of a schedule. A stream is blocked when any check's score reaches
 the output threshold, so the max score over its checks decides it for every threshold at once.
+`--answers FILE` replays given answers instead (JSONL {"text", "label", "prompt", optional "kind"}, tokenized
+with the served model's tokenizer), reporting streams stopped per label and kind: false blocks on safe answers,
+recall on unsafe ones (`data/guard_eval/answers_blind.jsonl`, docs/GUARD.md "Blind chatbot answers").
 Schedules: the default (first window 4, doubling to 16) and a flat 16-token window; `--context-chars`
 compares how much of the answer each check reads (`guard.output_context_chars`), `--prefilter-chars` the
 prefilter's short tail (`guard.output_prefilter_chars`, 0 = off): a check whose short tail scores below
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import grpc.aio
@@ -65,23 +69,35 @@ async def answers(model: Path, prompts: list[str], max_new: int) -> list[list[in
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
-    rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
-    prompts = [r["text"] for r in rows if r.get("label") == "safe" and r.get("source", "alpaca") == args.source]
-    random.Random(0).shuffle(prompts)
-    prompts = prompts[: args.prompts]
-    all_ids = await answers(args.model, prompts, args.max_new_tokens)
     tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
+    if args.answers is not None:  # given answers: replay them as the served model's tokens, no generation
+        rows = [json.loads(line) for line in args.answers.read_text().splitlines() if line.strip()]
+        prompts = [str(r.get("prompt", "")) for r in rows]
+        all_ids = [tokenizer.encode(str(r["text"]), add_special_tokens=False).ids for r in rows]
+        groups = [[str(r["label"])] + ([f"{r['label']} / {r['kind']}"] if "kind" in r else []) for r in rows]
+    else:
+        rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+        prompts = [r["text"] for r in rows if r.get("label") == "safe" and r.get("source", "alpaca") == args.source]
+        random.Random(0).shuffle(prompts)
+        prompts = prompts[: args.prompts]
+        all_ids = await answers(args.model, prompts, args.max_new_tokens)
+        groups = [["safe"] for _ in prompts]
     encoder = MiniLMEncoder(args.encoder)
     worst: dict[str, list[float]] = {}
     for head in args.head:  # every head replays the same answers
         moderator = ClassifierModerator(encoder, load_head(head))
         prefix = f"{head}: " if len(args.head) > 1 else ""
         await _replay(args, prompts, all_ids, tokenizer, moderator, prefix, worst)
+    names = sorted({g for row in groups for g in row}, key=lambda g: (" / " in g, g))  # labels, then kinds
+    stopped = {name: {group: {str(t): float(np.mean([w >= t for w, row in zip(v, groups, strict=True) if group in row]))
+                              for t in THRESHOLDS} for group in names}
+               for name, v in worst.items()}
     return {
-        "prompts": len(prompts),
+        "answers": str(args.answers) if args.answers else f"{len(prompts)} {args.source} prompts, generated",
+        "rows": dict(Counter(g for row in groups for g in row)),
         "mean_answer_tokens": float(np.mean([len(i) for i in all_ids])),
-        "blocked_fraction": {name: {str(t): float(np.mean(np.asarray(v) >= t)) for t in THRESHOLDS}
-                             for name, v in worst.items()},
+        # fraction of streams stopped: the guard's false blocks on safe answers, its recall on unsafe ones
+        "stopped_fraction": stopped if args.answers else {name: v["safe"] for name, v in stopped.items()},
     }
 
 
@@ -125,6 +141,9 @@ def main() -> int:
     ap.add_argument("--head", type=Path, nargs="+", default=[Path("guard/heads/minilm-l6-v2.npz")],
                     help="one or more heads, compared on the same answers")
     ap.add_argument("--data", type=Path, default=Path("build/guard/unseen.jsonl"))
+    ap.add_argument("--answers", type=Path, default=None,
+                    help="replay these answers (JSONL {text, label, prompt, optional kind}) instead of generating; "
+                         "e.g. data/guard_eval/answers_blind.jsonl")
     ap.add_argument("--source", default="alpaca", help="rows of this source (rows without one count as it)")
     ap.add_argument("--prompts", type=int, default=120)
     ap.add_argument("--max-new-tokens", type=int, default=160)

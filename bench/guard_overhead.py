@@ -81,7 +81,7 @@ async def _one(stub: generation_pb2_grpc.GenerationServiceStub, text: str, max_n
 async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: int = 1,
                      first_window: int | None = None, encoder: Path | None = None,
                      head: Path | None = None, concurrency: int = 1, stagger: float = 0.0,
-                     prefilter_chars: int | None = None) -> dict[str, object]:
+                     prefilter_chars: int | None = None, server_args: tuple[str, ...] = ()) -> dict[str, object]:
     base_args = ["--port", "0", "--no-metrics-enabled", "--model", str(model)]
     app, srv = await start(load_config([*base_args, "--guard-backend", "none"], env={}))
     guard_args = [] if first_window is None else ["--guard-first-release-window-tokens", str(first_window)]
@@ -89,7 +89,7 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
     guard_args += [] if head is None else ["--guard-head", str(head)]
     guard_args += [] if prefilter_chars is None else ["--guard-output-prefilter-chars", str(prefilter_chars)]
     guarded_cfg = load_config([*base_args, "--guard-backend", "classifier",
-                               "--guard-encoder-threads", str(encoder_threads), *guard_args], env={})
+                               "--guard-encoder-threads", str(encoder_threads), *guard_args, *server_args], env={})
     verdicts = ListSink()
     gapp = build_app(guarded_cfg, app.engine, stats=verdicts)
     gsrv = await start_server(guarded_cfg, gapp.generation, gapp.moderation, gapp.life, None)
@@ -132,6 +132,7 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
         "and judged before the first text is released); itl is per token",
         "rounds": rounds,
         "encoder_threads": encoder_threads,
+        "server_args": list(server_args),
         "encoder": str(guarded_cfg.guard.encoder),
         "head": str(guarded_cfg.guard.head),
         "release_windows": {"first": guarded_cfg.guard.first_release_window_tokens,
@@ -166,10 +167,13 @@ def main() -> int:
     ap.add_argument("--stagger", type=float, default=0.0, help="seconds between the starts of those streams")
     ap.add_argument("--prefilter-chars", type=int, default=None,
                     help="guard.output_prefilter_chars of the guarded server (0 = off; default: the config default)")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="extra `serve` option for the guarded server, repeatable "
+                         "(--server-arg=--no-guard-encoder-turns)")
     a = ap.parse_args()
     out = asyncio.run(main_async(a.model, a.rounds, a.max_new_tokens, a.encoder_threads, a.first_window,
                                  a.encoder, a.head, a.concurrency, a.stagger,
-                                 a.prefilter_chars))
+                                 a.prefilter_chars, tuple(a.server_arg)))
     print(json.dumps(out, indent=2))
     return 0
 
