@@ -68,13 +68,27 @@ async def answers(model: Path, prompts: list[str], max_new: int) -> list[list[in
         await srv.drain()
 
 
+def given_answers(path: Path, tokenizer: Tokenizer) -> tuple[list[str], list[list[int]], list[list[str]]]:
+    """Prompts, answers as the served model's tokens, and each row's groups ("label" and "label / kind")."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    prompts = [str(r.get("prompt", "")) for r in rows]
+    all_ids = [tokenizer.encode(str(r["text"]), add_special_tokens=False).ids for r in rows]
+    groups = [[str(r["label"])] + ([f"{r['label']} / {r['kind']}"] if "kind" in r else []) for r in rows]
+    return prompts, all_ids, groups
+
+
+def stopped_fractions(worst: dict[str, list[float]], groups: list[list[str]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per configuration, per group (labels first, then kinds), per threshold: the share of streams stopped."""
+    names = sorted({g for row in groups for g in row}, key=lambda g: (" / " in g, g))
+    return {config: {group: {str(t): float(np.mean([w >= t for w, row in zip(v, groups, strict=True) if group in row]))
+                             for t in THRESHOLDS} for group in names}
+            for config, v in worst.items()}
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     if args.answers is not None:  # given answers: replay them as the served model's tokens, no generation
-        rows = [json.loads(line) for line in args.answers.read_text().splitlines() if line.strip()]
-        prompts = [str(r.get("prompt", "")) for r in rows]
-        all_ids = [tokenizer.encode(str(r["text"]), add_special_tokens=False).ids for r in rows]
-        groups = [[str(r["label"])] + ([f"{r['label']} / {r['kind']}"] if "kind" in r else []) for r in rows]
+        prompts, all_ids, groups = given_answers(args.answers, tokenizer)
     else:
         rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
         prompts = [r["text"] for r in rows if r.get("label") == "safe" and r.get("source", "alpaca") == args.source]
@@ -88,16 +102,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         moderator = ClassifierModerator(encoder, load_head(head))
         prefix = f"{head}: " if len(args.head) > 1 else ""
         await _replay(args, prompts, all_ids, tokenizer, moderator, prefix, worst)
-    names = sorted({g for row in groups for g in row}, key=lambda g: (" / " in g, g))  # labels, then kinds
-    stopped = {name: {group: {str(t): float(np.mean([w >= t for w, row in zip(v, groups, strict=True) if group in row]))
-                              for t in THRESHOLDS} for group in names}
-               for name, v in worst.items()}
+    stopped = stopped_fractions(worst, groups)
     return {
         "answers": str(args.answers) if args.answers else f"{len(prompts)} {args.source} prompts, generated",
         "rows": dict(Counter(g for row in groups for g in row)),
         "mean_answer_tokens": float(np.mean([len(i) for i in all_ids])),
         # fraction of streams stopped: the guard's false blocks on safe answers, its recall on unsafe ones
-        "stopped_fraction": stopped if args.answers else {name: v["safe"] for name, v in stopped.items()},
+        "stopped_fraction": stopped if args.answers else {config: v["safe"] for config, v in stopped.items()},
     }
 
 

@@ -219,3 +219,26 @@ def test_guard_overhead_tpot_counts_the_same_token_span_in_both_configurations()
     assert guarded.itl() == pytest.approx([0.10 / 4, 0.06 / 4])  # one value per chunk, per token
     assert _Stream(times=[0.2], tokens=[3]).tpot(after=4) is None  # never reached the span
     assert _Stream(times=[0.2], tokens=[4]).tpot(after=4) is None  # nothing after it
+
+
+def test_false_blocks_groups_given_answers_by_label_and_kind(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from bench.guard_false_blocks import given_answers, stopped_fractions
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "ok": 1, "bad": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    rows = [{"text": "ok ok", "label": "safe", "kind": "everyday", "prompt": "p1"},
+            {"text": "bad", "label": "unsafe", "prompt": "p2"},
+            {"text": "ok bad", "label": "safe", "kind": "refusal"}]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    prompts, ids, groups = given_answers(path, tok)
+    assert prompts == ["p1", "p2", ""]
+    assert ids == [[1, 1], [2], [1, 2]]
+    assert groups == [["safe", "safe / everyday"], ["unsafe"], ["safe", "safe / refusal"]]
+    out = stopped_fractions({"cfg": [0.55, 0.95, 0.2]}, groups)["cfg"]
+    assert list(out) == ["safe", "unsafe", "safe / everyday", "safe / refusal"]
+    assert out["safe"]["0.5"] == 0.5 and out["safe"]["0.6"] == 0.0
+    assert out["unsafe"]["0.9"] == 1.0
+    assert out["safe / everyday"]["0.5"] == 1.0 and out["safe / refusal"]["0.5"] == 0.0
