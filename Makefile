@@ -76,16 +76,23 @@ encoder-wheel: venv
 GUARD_FOLDS ?= 3
 # GUARD_SEED seeds the adapters and the head (single seeds move held-out figures by 3-5 points, docs/GUARD.md).
 GUARD_SEED ?= 0
-guard-train: venv encoder
+# A candidate round beside the shipped files: GUARD_OWN=folder of own rows, GUARD_FOLD_DIR, ENCODER_ADAPTER,
+# ENCODER_DIR and GUARD_HEAD pointing under build/ (docs/GUARD.md, "Commands").
+GUARD_OWN ?= data/guard
+GUARD_FOLD_DIR ?= build/guard
+guard-train: venv encoder-wheel
 	$(PY) -m pip install -q -e '.[train]'
-	$(PY) -m tools.finetune_encoder --seed $(GUARD_SEED) --out $(ENCODER_ADAPTER)
+	mkdir -p $(GUARD_FOLD_DIR) $(dir $(ENCODER_ADAPTER)) $(dir $(GUARD_HEAD))
+	$(PY) -m tools.finetune_encoder --own $(GUARD_OWN) --seed $(GUARD_SEED) --out $(ENCODER_ADAPTER)
 	$(PY) -m tools.export_encoder --out $(ENCODER_DIR) --adapter $(ENCODER_ADAPTER) --int8
 	for k in $$(seq 0 $$(($(GUARD_FOLDS) - 1))); do \
-	  $(PY) -m tools.finetune_encoder --seed $(GUARD_SEED) --fold $$k --folds $(GUARD_FOLDS) --out build/guard/fold$$k-lora.npz && \
-	  $(PY) -m tools.export_encoder --out build/guard/enc-fold$$k --adapter build/guard/fold$$k-lora.npz --int8 || exit 1; \
+	  $(PY) -m tools.finetune_encoder --own $(GUARD_OWN) --seed $(GUARD_SEED) --fold $$k --folds $(GUARD_FOLDS) \
+	    --out $(GUARD_FOLD_DIR)/fold$$k-lora.npz && \
+	  $(PY) -m tools.export_encoder --out $(GUARD_FOLD_DIR)/enc-fold$$k --adapter $(GUARD_FOLD_DIR)/fold$$k-lora.npz \
+	    --int8 || exit 1; \
 	done
-	$(PY) -m tools.train_guard --seed $(GUARD_SEED) --encoder $(ENCODER_DIR) --out $(GUARD_HEAD) \
-	  --fold-encoders $$(for k in $$(seq 0 $$(($(GUARD_FOLDS) - 1))); do echo build/guard/enc-fold$$k; done)
+	$(PY) -m tools.train_guard --own $(GUARD_OWN) --seed $(GUARD_SEED) --encoder $(ENCODER_DIR) --out $(GUARD_HEAD) \
+	  --fold-encoders $$(for k in $$(seq 0 $$(($(GUARD_FOLDS) - 1))); do echo $(GUARD_FOLD_DIR)/enc-fold$$k; done)
 
 # make guard-eval DATA=file.jsonl  (rows {"text", "label": safe|unsafe, optional "role", "categories"})
 guard-eval: venv encoder
