@@ -39,6 +39,16 @@ from service.app import start
 from service.config import load_config
 
 SCHEDULES = {"first 4, doubling to 16": (4, 16), "flat 16": (16, 16)}
+
+
+def parse_schedules(value: str) -> dict[str, tuple[int, int]]:
+    """`--schedules 4:16,16:16,4:32` -> named (first window, release window) pairs, as `SCHEDULES` names them."""
+    out: dict[str, tuple[int, int]] = {}
+    for item in value.split(","):
+        first, window = (int(x) for x in item.split(":"))
+        out[f"first {first}, doubling to {window}" if first < window else f"flat {window}"] = (min(first, window),
+                                                                                             window)
+    return out
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -98,10 +108,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         groups = [["safe"] for _ in prompts]
     encoder = MiniLMEncoder(args.encoder)
     worst: dict[str, list[float]] = {}
+    read: dict[str, list[float]] = {}  # per configuration: characters judged per answer token, per stream
     for head in args.head:  # every head replays the same answers
         moderator = ClassifierModerator(encoder, load_head(head))
         prefix = f"{head}: " if len(args.head) > 1 else ""
-        await _replay(args, prompts, all_ids, tokenizer, moderator, prefix, worst)
+        await _replay(args, prompts, all_ids, tokenizer, moderator, prefix, worst, read)
     stopped = stopped_fractions(worst, groups)
     return {
         "answers": str(args.answers) if args.answers else f"{len(prompts)} {args.source} prompts, generated",
@@ -109,12 +120,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "mean_answer_tokens": float(np.mean([len(i) for i in all_ids])),
         # fraction of streams stopped: the guard's false blocks on safe answers, its recall on unsafe ones
         "stopped_fraction": stopped if args.answers else {config: v["safe"] for config, v in stopped.items()},
+        # the judge's work: characters it reads (short tails and full tails) per answer token, mean over streams
+        "judged_chars_per_token": {config: float(np.mean(v)) for config, v in read.items()},
     }
 
 
 async def _replay(args: argparse.Namespace, prompts: list[str], all_ids: list[list[int]], tokenizer: Tokenizer,
-                  moderator: ClassifierModerator, prefix: str, worst: dict[str, list[float]]) -> None:
-    """Each answer's checks under every schedule / context / prefilter: its worst score, into `worst`."""
+                  moderator: ClassifierModerator, prefix: str, worst: dict[str, list[float]],
+                  read: dict[str, list[float]]) -> None:
+    """Each answer's checks under every schedule / context / prefilter: its worst score into `worst`, the
+    characters its checks read per token into `read`."""
     scores: dict[str, float] = {}  # tail -> score (schedules and contexts share checks of the same text)
 
     async def score(prompt: str, tail: str) -> float:
@@ -127,21 +142,24 @@ async def _replay(args: argparse.Namespace, prompts: list[str], all_ids: list[li
     for prompt, ids in zip(prompts, all_ids, strict=True):
         scores.clear()
         # every schedule and context replays prefixes of the same answer: decode each prefix once
-        prefixes = {k: tokenizer.decode(ids[:k]) for first, window in SCHEDULES.values()
+        prefixes = {k: tokenizer.decode(ids[:k]) for first, window in args.schedules.values()
                     for k in check_points(len(ids), window, first)}
         for chars, prefilter in ((c, p) for c in args.context_chars for p in args.prefilter_chars):
-            for name, (first, window) in SCHEDULES.items():
+            for name, (first, window) in args.schedules.items():
                 points = check_points(len(ids), window, first)
-                cleared, stream_scores = 0, []
+                cleared, stream_scores, chars_read = 0, [], 0
                 for k in points:
                     text = prefixes[k]
                     tail = judged_tail(text, cleared, chars)  # what StreamGuard would pass its judge
                     short = prefilter_tail(text, cleared, tail, prefilter)
                     settled = short is not None and await score(prompt, short) < args.prefilter_below
                     stream_scores.append(await score(prompt, short if short is not None and settled else tail))
+                    chars_read += (len(short) if short is not None else 0) + (0 if settled else len(tail))
                     cleared = len(text)
                 label = f", prefilter {prefilter}" if prefilter else ""
-                worst.setdefault(f"{prefix}{name}, last {chars} chars{label}", []).append(max(stream_scores))
+                config = f"{prefix}{name}, last {chars} chars{label}"
+                worst.setdefault(config, []).append(max(stream_scores))
+                read.setdefault(config, []).append(chars_read / max(1, len(ids)))
 
 
 def main() -> int:
@@ -164,6 +182,9 @@ def main() -> int:
     ap.add_argument("--prefilter-chars", type=lambda v: [int(x) for x in v.split(",")],
                     default=[DEFAULT_OUTPUT_PREFILTER_CHARS],
                     help="guard.output_prefilter_chars values to compare (0 = no prefilter), e.g. 192,0")
+    ap.add_argument("--schedules", type=parse_schedules, default=SCHEDULES,
+                    help="release schedules to compare as first:window pairs (guard.first_release_window_tokens:"
+                         "guard.release_window_tokens), e.g. 4:16,16:16,4:32")
     ap.add_argument("--prefilter-below", type=float, default=DEFAULT_OUTPUT_PREFILTER_BELOW,
                     help="guard.output_prefilter_below")
     print(json.dumps(asyncio.run(main_async(ap.parse_args())), indent=2))

@@ -242,3 +242,11 @@ def test_false_blocks_groups_given_answers_by_label_and_kind(tmp_path: Path) -> 
     assert out["safe"]["0.5"] == 0.5 and out["safe"]["0.6"] == 0.0
     assert out["unsafe"]["0.9"] == 1.0
     assert out["safe / everyday"]["0.5"] == 1.0 and out["safe / refusal"]["0.5"] == 0.0
+
+
+def test_false_blocks_schedules_parse_as_served_names() -> None:
+    from bench.guard_false_blocks import SCHEDULES, parse_schedules
+
+    assert parse_schedules("4:16,16:16") == SCHEDULES
+    assert parse_schedules("4:32") == {"first 4, doubling to 32": (4, 32)}
+    assert parse_schedules("64:32") == {"flat 32": (32, 32)}  # the first window is capped at the window
