@@ -33,23 +33,23 @@ from guard.backends.classifier import ClassifierModerator, load_head
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
 from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS, DEFAULT_OUTPUT_PREFILTER_BELOW, DEFAULT_OUTPUT_PREFILTER_CHARS
-from guard.stream import check_points, judged_tail, prefilter_tail
+from guard.stream import check_points, first_window_size, judged_tail, prefilter_tail
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from service.app import start
 from service.config import load_config
 
 SCHEDULES = {"first 4, doubling to 16": (4, 16), "flat 16": (16, 16)}
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def parse_schedules(value: str) -> dict[str, tuple[int, int]]:
     """`--schedules 4:16,16:16,4:32` -> named (first window, release window) pairs, as `SCHEDULES` names them."""
     out: dict[str, tuple[int, int]] = {}
     for item in value.split(","):
-        first, window = (int(x) for x in item.split(":"))
-        out[f"first {first}, doubling to {window}" if first < window else f"flat {window}"] = (min(first, window),
-                                                                                             window)
+        asked, window = (int(x) for x in item.split(":"))
+        first = first_window_size(window, asked)  # capped at the window, as StreamGuard serves it
+        out[f"first {first}, doubling to {window}" if first < window else f"flat {window}"] = (first, window)
     return out
-THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 async def answers(model: Path, prompts: list[str], max_new: int) -> list[list[int]]:
