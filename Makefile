@@ -82,7 +82,7 @@ GUARD_OWN ?= data/guard
 GUARD_FOLD_DIR ?= build/guard
 guard-train: venv encoder-wheel
 	$(PY) -m pip install -q -e '.[train]'
-	mkdir -p $(GUARD_FOLD_DIR) $(dir $(ENCODER_ADAPTER)) $(dir $(GUARD_HEAD))
+	mkdir -p $(sort $(GUARD_FOLD_DIR) $(dir $(ENCODER_ADAPTER)) $(dir $(GUARD_HEAD)))
 	$(PY) -m tools.finetune_encoder --own $(GUARD_OWN) --seed $(GUARD_SEED) --out $(ENCODER_ADAPTER)
 	$(PY) -m tools.export_encoder --out $(ENCODER_DIR) --adapter $(ENCODER_ADAPTER) --int8
 	for k in $$(seq 0 $$(($(GUARD_FOLDS) - 1))); do \

@@ -78,9 +78,14 @@ async def answers(model: Path, prompts: list[str], max_new: int) -> list[list[in
         await srv.drain()
 
 
+def read_rows(path: Path) -> list[dict[str, object]]:
+    """The rows of a JSONL file (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def given_answers(path: Path, tokenizer: Tokenizer) -> tuple[list[str], list[list[int]], list[list[str]]]:
     """Prompts, answers as the served model's tokens, and each row's groups ("label" and "label / kind")."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     prompts = [str(r.get("prompt", "")) for r in rows]
     all_ids = [tokenizer.encode(str(r["text"]), add_special_tokens=False).ids for r in rows]
     groups = [[str(r["label"])] + ([f"{r['label']} / {r['kind']}"] if "kind" in r else []) for r in rows]
@@ -100,7 +105,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     if args.answers is not None:  # given answers: replay them as the served model's tokens, no generation
         prompts, all_ids, groups = given_answers(args.answers, tokenizer)
     else:
-        rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+        rows = read_rows(args.data)
         prompts = [r["text"] for r in rows if r.get("label") == "safe" and r.get("source", "alpaca") == args.source]
         random.Random(0).shuffle(prompts)
         prompts = prompts[: args.prompts]

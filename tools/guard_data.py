@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from guard.views import decoded_views
 
@@ -303,6 +304,11 @@ def own(own_dir: Path) -> Iterator[Example]:
 
 SOURCES = (harmbench, strongreject, do_not_answer, self_instruct, coconot, hatecheck, toxigen, notinject,
            wildguard_benign, responses, alpaca, malicious_instruct)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

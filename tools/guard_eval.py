@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from tools.guard_data import read_jsonl
 
 DEFAULT_HEAD = Path("guard/heads/minilm-l6-v2.npz")
 DEFAULT_ENCODER = Path("models/minilm-l6-v2-guard")
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head", type=Path, default=DEFAULT_HEAD)
     parser.add_argument("--encoder", type=Path, default=DEFAULT_ENCODER)
     args = parser.parse_args(argv)
-    rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(args.data)
     bad = [i for i, r in enumerate(rows) if r.get("label") not in ("safe", "unsafe") or "text" not in r]
     if bad:
         sys.stderr.write(f"rows {bad[:5]} lack text or a label of safe/unsafe\n")

@@ -20,7 +20,7 @@ import numpy as np
 
 from guard.encoder import MiniLMEncoder
 from guard.features import FloatArray
-from tools.guard_data import Example, add_data_arguments, load_all
+from tools.guard_data import Example, add_data_arguments, load_all, read_jsonl
 from tools.train_guard import featurize, first_windows
 
 # protected source -> similarity at which an own row counts as a paraphrase of one of its rows
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     protected = {src: embed(encoder, [e.text for e in examples if e.source == src]) for src in LIMITS}
     flagged_total = 0
     for path in sorted(args.own.glob("*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(path)
         vecs = embed(encoder, [r["text"] for r in rows])
         flagged: set[int] = set()
         for src, limit in LIMITS.items():

@@ -22,7 +22,8 @@ from tools.guard_data import Example
 # Everyday traffic (instructions, casual queries, requests with personal context): their safe rows (prompts and,
 # for Self-Instruct, reference answers) get the ordinary FPR budget. Every other safe source is borderline (rows
 # written or collected because they look alarming): its safe User prompts get the borderline budget.
-ORDINARY_SOURCES = frozenset({"self_instruct", "own_ordinary", "own_casual_ordinary", "own_personal_context"})
+ORDINARY_SOURCES = frozenset({"self_instruct", "own_ordinary", "own_casual_ordinary", "own_personal_context",
+                              "own_r7_everyday_howto"})
 
 
 def logit(p: float) -> float:
@@ -107,9 +108,40 @@ def choose_stage_thresholds(examples: Sequence[Example], overall: FloatArray, or
     return t_in, t_out
 
 
+def choose_input_margin_thresholds(examples: Sequence[Example], overall: FloatArray, ordinary_fpr: float,
+                                   borderline_fpr: float, input_borderline_fpr: float) -> tuple[float, float]:
+    """The output threshold by the shipped rule; the input one lowered where the User rows allow, with a margin.
+
+    The shipped rule's one threshold is bound by Self-Instruct pooled over its prompts and its reference answers,
+    an output-stage property that holds the input threshold up (docs/GUARD.md, "Per-stage thresholds"). Here the
+    output threshold stays the shipped rule's, and the input threshold is the lower of it and `choose_threshold`
+    on the User rows alone with every borderline budget at `input_borderline_fpr`: the target less a margin,
+    since budgets equal to the targets leave none for sets never trained on.
+
+    Args:
+        examples: rows with roles and sources.
+        overall: (n,) out-of-fold overall scores.
+        ordinary_fpr: FPR budget on each ordinary source (both thresholds).
+        borderline_fpr: FPR budget on each borderline safe source (the output threshold's rule).
+        input_borderline_fpr: FPR budget on each borderline safe source for the input threshold.
+
+    Returns:
+        (input threshold, output threshold), input <= output.
+    """
+    t_out = choose_threshold(examples, overall, ordinary_fpr, borderline_fpr)
+    user = np.array([ex.role == "User" for ex in examples], dtype=bool)
+    users = [ex for ex, keep in zip(examples, user, strict=True) if keep]
+    if not users:
+        return t_out, t_out
+    t_user = choose_threshold(users, overall[user], ordinary_fpr, input_borderline_fpr)
+    return min(t_user, t_out), t_out
+
+
 def choose_thresholds(examples: Sequence[Example], overall: FloatArray, ordinary_fpr: float,
-                      borderline_fpr: float, per_stage: bool = False) -> tuple[float, float]:
-    """(input, output) thresholds: one `choose_threshold` over all rows (the shipped rule), or per stage.
+                      borderline_fpr: float, per_stage: bool = False,
+                      input_borderline_fpr: float | None = None) -> tuple[float, float]:
+    """(input, output) thresholds: one `choose_threshold` over all rows (the shipped rule), per stage, or with
+    the input threshold lowered within margined budgets (`choose_input_margin_thresholds`).
 
     Args:
         examples: rows with roles and sources.
@@ -117,12 +149,15 @@ def choose_thresholds(examples: Sequence[Example], overall: FloatArray, ordinary
         ordinary_fpr: FPR budget on each ordinary source.
         borderline_fpr: FPR budget on each borderline safe source.
         per_stage: `choose_stage_thresholds` instead of one threshold.
+        input_borderline_fpr: with it (and not `per_stage`), `choose_input_margin_thresholds`.
 
     Returns:
-        (input threshold, output threshold), equal unless `per_stage`.
+        (input threshold, output threshold), equal unless `per_stage` or `input_borderline_fpr`.
     """
     if per_stage:
         return choose_stage_thresholds(examples, overall, ordinary_fpr, borderline_fpr)
+    if input_borderline_fpr is not None:
+        return choose_input_margin_thresholds(examples, overall, ordinary_fpr, borderline_fpr, input_borderline_fpr)
     t = choose_threshold(examples, overall, ordinary_fpr, borderline_fpr)
     return t, t
 

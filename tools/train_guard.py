@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage-thresholds", action="store_true",
                         help="one threshold per stage (User rows / Agent rows) instead of one for both; measured, "
                              "not shipped (docs/GUARD.md)")
+    parser.add_argument("--input-borderline-fpr", type=float, default=None,
+                        help="input threshold: the lower of the shipped rule's and the rule on User rows with this "
+                             "borderline budget (the target less a margin); output threshold the shipped rule's")
     parser.add_argument("--calibrate", choices=("oof", "dev"), default=None,
                         help="thresholds from out-of-fold train scores or the dev split (default: dev when the "
                              "encoder carries a fine-tuning adapter, else oof)")
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             cal, cal_scores = cal + rows, np.concatenate([cal_scores, scores])
             calibrate = "dev+kfold"
         threshold = choose_thresholds(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr,
-                                      args.stage_thresholds)
+                                      args.stage_thresholds, args.input_borderline_fpr)
     report, _ = guard_report.dev_report(examples, vecs, cfg, extractor.name, args.ordinary_fpr,
                                         args.borderline_fpr, calibrate=calibrate, held_out_sources=not adapted,
                                         threshold=threshold, dev=dev, per_stage=args.stage_thresholds)
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     if threshold is None:
         cal, cal_scores = ship, oof_scores(ship, ship_vecs, cfg, extractor.name)
         threshold = choose_thresholds(cal, cal_scores[:, 0], args.ordinary_fpr, args.borderline_fpr,
-                                      args.stage_thresholds)
+                                      args.stage_thresholds, args.input_borderline_fpr)
     t_in, t_out = threshold
     cat_thresholds = choose_category_thresholds(cal, cal_scores[:, 1:])
     head = calibrated(train(ship, ship_vecs, cfg, extractor.name), t_in, cat_thresholds, output_threshold=t_out)

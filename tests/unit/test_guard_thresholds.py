@@ -14,6 +14,7 @@ from tests.unit.test_classifier import FakeExtractor, f32, tiny_head
 from tools.guard_data import Example
 from tools.guard_thresholds import (
     calibrated,
+    choose_input_margin_thresholds,
     choose_stage_thresholds,
     choose_threshold,
     choose_thresholds,
@@ -55,6 +56,29 @@ def test_a_stage_without_budgeted_rows_takes_the_others_threshold() -> None:
     users = [i for i, e in enumerate(ex) if e.role == "User"]
     t_in, t_out = choose_stage_thresholds([ex[i] for i in users], scores[users], 0.0, 0.5)
     assert t_in == t_out and 0.322 < t_in <= 0.325
+
+
+def test_the_margin_rule_keeps_the_pooled_output_threshold_and_lowers_the_input_one() -> None:
+    ex, scores = _rows()
+    pooled = choose_threshold(ex, scores, 0.0, 0.5)
+    # B's User prompts (0.2 / 0.4): budget 0.5 lets one through (input just above Self-Instruct's 0.322);
+    # budget 0.0 (a wide margin) holds it above B's 0.4
+    t_in, t_out = choose_input_margin_thresholds(ex, scores, 0.0, 0.5, input_borderline_fpr=0.5)
+    assert t_out == pooled and 0.322 < t_in <= 0.325
+    t_in, t_out = choose_input_margin_thresholds(ex, scores, 0.0, 0.5, input_borderline_fpr=0.0)
+    assert t_out == pooled and 0.4 < t_in <= 0.405
+    assert choose_thresholds(ex, scores, 0.0, 0.5, input_borderline_fpr=0.0) == (t_in, t_out)
+
+
+def test_the_margin_rule_never_raises_the_input_threshold_above_the_pooled_one() -> None:
+    ex, scores = _rows()
+    scores = scores.copy()
+    scores[5] = 0.99  # B's second prompt now beats every threshold: a zero budget cannot be met on User rows
+    pooled = choose_threshold(ex, scores, 0.0, 0.5)
+    assert choose_input_margin_thresholds(ex, scores, 0.0, 0.5, input_borderline_fpr=0.0) == (pooled, pooled)
+    agents = [e for e in ex if e.role != "User"]
+    only = choose_input_margin_thresholds(agents, scores[[2, 3, 6]], 0.0, 0.5, input_borderline_fpr=0.0)
+    assert only[0] == only[1]  # no User rows: one threshold
 
 
 def test_stage_adjusted_reads_agent_rows_at_the_output_threshold() -> None:
