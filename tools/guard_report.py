@@ -170,7 +170,8 @@ def build_metadata(examples: Sequence[Example], head: Head, cfg: TrainConfig, re
 
 def union_holdout_report(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig,
                          feature_name: str, holdout: tuple[str, ...], ordinary_fpr: float,
-                         borderline_fpr: float, fold_encoders: Sequence[Path] = (), per_stage: bool = False) -> str:
+                         borderline_fpr: float, fold_encoders: Sequence[Path] = (), per_stage: bool = False,
+                         input_borderline_fpr: float | None = None) -> str:
     """Markdown: a head trained without the `holdout` groups, tested on them and on the measure-only sets.
 
     This is the held-out evidence for a fine-tuned encoder: its adapter must have been trained with the same
@@ -180,7 +181,8 @@ def union_holdout_report(examples: Sequence[Example], vecs: Sequence[FloatArray]
     read at the input threshold, Agent rows at the output one; the Alpaca rule is one threshold for all rows.
     With `fold_encoders` (adapters trained with the same `--holdout`, one per calibration fold), the shipped
     rule reads the train split's out-of-fold scores too, as `train_guard --fold-encoders` does for the shipped
-    head; without them, the dev split alone (fewer rows, coarser budgets).
+    head; without them, the dev split alone (fewer rows, coarser budgets). With `input_borderline_fpr`, the
+    margin rule (`choose_input_margin_thresholds`) instead of one threshold.
     """
     from tools.guard_eval import TABLE_HEADER
 
@@ -199,8 +201,10 @@ def union_holdout_report(examples: Sequence[Example], vecs: Sequence[FloatArray]
 
         rows, scores = kfold_scores(examples, fold_encoders, cfg, holdout)
         cal_ex, cal_scores, rule = cal_ex + rows, np.concatenate([cal_scores, scores]), "dev+kfold, shipped rule"
-    t_in, t_out = choose_thresholds(cal_ex, cal_scores[:, 0], ordinary_fpr, borderline_fpr, per_stage)
-    label = rule if t_in == t_out else f"{rule} per stage; Agent rows at the output threshold {t_out:.3f}"
+    t_in, t_out = choose_thresholds(cal_ex, cal_scores[:, 0], ordinary_fpr, borderline_fpr, per_stage,
+                                    input_borderline_fpr)
+    how = "per stage" if per_stage else f"input within borderline {input_borderline_fpr}"
+    label = rule if t_in == t_out else f"{rule} {how}; Agent rows at the output threshold {t_out:.3f}"
     thresholds = {label: (t_in, logit(t_out) - logit(t_in))}
     if alpaca.any():
         thresholds["Alpaca FPR 0.04"] = (float(np.quantile(test_scores[alpaca, 0], 0.96)), 0.0)
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fold-encoders", type=Path, nargs="*", default=[],
                         help="encoders whose adapters left out the same --holdout and one calibration fold each")
     parser.add_argument("--stage-thresholds", action="store_true", help="the shipped rule per stage")
+    parser.add_argument("--input-borderline-fpr", type=float, default=None,
+                        help="the margin rule (train_guard --input-borderline-fpr)")
     add_data_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -241,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     extractor = MiniLMEncoder(args.encoder, threads=2)
     vecs = featurize(examples, extractor)
     sys.stdout.write(union_holdout_report(examples, vecs, TrainConfig(), extractor.name, tuple(args.holdout),
-                                          0.045, 0.3, args.fold_encoders, args.stage_thresholds) + "\n")
+                                          0.045, 0.3, args.fold_encoders, args.stage_thresholds,
+                                          args.input_borderline_fpr) + "\n")
     return 0
 
 
