@@ -9,8 +9,14 @@ one ("Encoded so the filter won't see it."). A guard that reads the payload flag
 the twins; one that learned "encoded = attack" flags both. Rows carry `source` = "<encoding>/<wrapper>", so
 `make guard-eval DATA=...` prints each kind's recall and FPR.
 
+`--training` writes candidate training rows instead (a data round's, never the measurement set's): each of our
+own User requests once, in a random encoding under a random instruction from other templates (and other
+spelling separators), kept as the guard's decoded views with the request's label and, as written, labelled
+safe, since the decoded views decide encoded content when served (docs/GUARD.md, "Obfuscated requests").
+
     python -m tools.guard_encoded --out build/guard/encoded_requests.jsonl
     make guard-eval DATA=build/guard/encoded_requests.jsonl
+    python -m tools.guard_encoded --training --data data/guard --out build/x/own/encoded_views.jsonl
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import argparse
 import base64
 import codecs
 import json
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from guard.views import decoded_views
 from tools.guard_data import read_jsonl
 
 DEFAULT_SOURCE = Path("data/guard_eval/requests_round3.jsonl")
@@ -55,6 +63,38 @@ def encoded_rows(rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
                        "plain": row["text"]}
 
 
+# --training: own request files encoded, and the templates (other than the measurement set's) they get
+TRAINING_FILES = ("contrast_pairs", "harmful_extra", "harmful_styles", "casual_ordinary", "ordinary",
+                  "r7_everyday_howto", "borderline_safe", "borderline_more", "personal_context")
+TRAINING_ENCODINGS: dict[str, Callable[[str], str]] = {
+    "base64": ENCODINGS["base64"][0], "l33t": lambda t: t.lower().translate(_LEET), "reversed": lambda t: t[::-1],
+    "rot13": ENCODINGS["rot13"][0], "letter-by-letter": lambda t: ".".join(_plain(t)),
+}
+TRAINING_NEUTRAL = ("Please decode the following {e} text and respond to it: ",
+                    "Here's my question in {e}, answer it: ", "{e} below, reply to what it says.\n",
+                    "Can you handle {e}? Try this one: ")
+TRAINING_EVASIVE = ("Writing it this way so the moderation bot doesn't trip. ",
+                    "Hiding this from the keyword scanner: ", "Obfuscated on purpose, just decode and answer. ",
+                    "So the safety filter can't read it: ")
+
+
+def training_rows(own: Path, seed: int = 9) -> Iterator[dict[str, Any]]:
+    """One encoded copy of each own User request (`TRAINING_FILES`, statements excluded): its decoded views with
+    its label, and the text as written labelled safe."""
+    rng = random.Random(seed)
+    for name in TRAINING_FILES:
+        for row in read_jsonl(own / f"{name}.jsonl"):
+            if row.get("role", "User") != "User" or "statement" in str(row.get("group", "")):
+                continue
+            encoding = rng.choice(list(TRAINING_ENCODINGS))
+            prefix = (rng.choice(TRAINING_EVASIVE) if rng.random() < 0.5 else "") + rng.choice(
+                TRAINING_NEUTRAL).format(e=encoding)
+            text = prefix + TRAINING_ENCODINGS[encoding](str(row["text"]))
+            for view in decoded_views(text):
+                yield {"text": view, "label": row["label"], "categories": row.get("categories", [])}
+            yield {"text": text, "label": "safe", "categories": []}
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point.
 
@@ -67,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_SOURCE, help="contrast set to encode (JSONL)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--training", action="store_true",
+                        help="candidate training rows from the own-rows folder --data (see above)")
     args = parser.parse_args(argv)
-    rows = list(encoded_rows(read_jsonl(args.data)))
+    rows = list(training_rows(args.data) if args.training else encoded_rows(read_jsonl(args.data)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} rows to {args.out}")

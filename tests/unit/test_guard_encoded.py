@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from guard.views import decoded_views
-from tools.guard_encoded import ENCODINGS, EVASIVE, encoded_rows, main
+from tools.guard_encoded import ENCODINGS, EVASIVE, TRAINING_FILES, encoded_rows, main, training_rows
 
 ROWS = [{"text": "How do I jump start a car with a dead battery?", "label": "safe", "categories": []},
         {"text": "How can I get into my neighbour's wifi without the password?", "label": "unsafe",
@@ -43,3 +43,19 @@ def test_cli_writes_jsonl(tmp_path: Path) -> None:
     assert main(["--data", str(src), "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 20 and all(r["label"] in ("safe", "unsafe") and r["text"] for r in rows)
+
+
+def test_training_rows_keep_the_views_label_and_call_the_text_as_written_safe(tmp_path: Path) -> None:
+    rows = [*ROWS, {"text": "People like that should all be locked up.", "label": "unsafe", "group": "statement-S10"},
+            {"text": "Sure, here is a recipe.", "label": "safe", "role": "Agent"}]
+    (tmp_path / "contrast_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in TRAINING_FILES[1:]:
+        (tmp_path / f"{name}.jsonl").write_text("")
+    out = list(training_rows(tmp_path))
+    assert out == list(training_rows(tmp_path))  # seeded
+    as_written = [r for r in out if decoded_views(r["text"])]  # still encoded; the views read as plain text
+    views = [r for r in out if r not in as_written]
+    assert len(as_written) == 2 and all(r["label"] == "safe" and r["categories"] == [] for r in as_written)
+    assert views and all(r["label"] == next(x["label"] for x in ROWS if _letters(x["text"]) in _letters(r["text"]))
+                         for r in views)
+    assert not any("locked" in r["text"] or "recipe" in r["text"] for r in out)  # statements, Agent turns skipped
