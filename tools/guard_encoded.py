@@ -96,14 +96,7 @@ def training_rows(own: Path, seed: int = 9) -> Iterator[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point.
-
-    Args:
-        argv: command-line arguments.
-
-    Returns:
-        Process exit code.
-    """
+    """CLI: write the encoded measurement set (or, with `--training`, candidate training rows); exit code 0."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_SOURCE, help="contrast set to encode (JSONL)")
     parser.add_argument("--out", type=Path, required=True)
