@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the margin rule (train_guard --input-borderline-fpr)")
     add_data_arguments(parser)
     args = parser.parse_args(argv)
+    if args.stage_thresholds and args.input_borderline_fpr is not None:
+        parser.error("--stage-thresholds and --input-borderline-fpr are two different rules: pick one")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     examples = load_all(args.root, args.own)
     extractor = MiniLMEncoder(args.encoder, threads=2)

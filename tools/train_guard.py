@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the train split; their out-of-fold scores join the dev split's for the thresholds")
     parser.add_argument("--report", action="store_true", help="print the dev report only; write nothing")
     args = parser.parse_args(argv)
+    if args.stage_thresholds and args.input_borderline_fpr is not None:
+        parser.error("--stage-thresholds and --input-borderline-fpr are two different rules: pick one")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from guard.encoder import MiniLMEncoder
     from tools import guard_calibration, guard_report

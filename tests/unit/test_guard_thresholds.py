@@ -133,3 +133,14 @@ async def test_moderator_judges_agent_turns_at_the_output_threshold() -> None:
     assert not as_user.safe and as_user.score == pytest.approx(0.5)
     assert as_agent.safe and as_agent.score == pytest.approx(sig_of(-0.1), rel=1e-6)
     assert moderated.score == as_agent.score  # Moderate reads an Agent turn like the output stage
+
+
+@pytest.mark.parametrize("tool", ["train_guard", "guard_report"])
+def test_the_cli_refuses_two_threshold_rules_at_once(tool: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+
+    main = importlib.import_module(f"tools.{tool}").main
+    with pytest.raises(SystemExit) as exc:
+        main(["--encoder", "nowhere", "--holdout", "x", "--stage-thresholds", "--input-borderline-fpr", "0.21"]
+             if tool == "guard_report" else ["--stage-thresholds", "--input-borderline-fpr", "0.21"])
+    assert exc.value.code == 2 and "pick one" in capsys.readouterr().err
