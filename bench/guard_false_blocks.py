@@ -37,6 +37,7 @@ from guard.stream import check_points, first_window_size, judged_tail, prefilter
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from service.app import start
 from service.config import load_config
+from tools.guard_data import read_jsonl
 
 SCHEDULES = {"first 4, doubling to 16": (4, 16), "flat 16": (16, 16)}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -78,14 +79,9 @@ async def answers(model: Path, prompts: list[str], max_new: int) -> list[list[in
         await srv.drain()
 
 
-def read_rows(path: Path) -> list[dict[str, object]]:
-    """The rows of a JSONL file (blank lines skipped)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def given_answers(path: Path, tokenizer: Tokenizer) -> tuple[list[str], list[list[int]], list[list[str]]]:
     """Prompts, answers as the served model's tokens, and each row's groups ("label" and "label / kind")."""
-    rows = read_rows(path)
+    rows = read_jsonl(path)
     prompts = [str(r.get("prompt", "")) for r in rows]
     all_ids = [tokenizer.encode(str(r["text"]), add_special_tokens=False).ids for r in rows]
     groups = [[str(r["label"])] + ([f"{r['label']} / {r['kind']}"] if "kind" in r else []) for r in rows]
@@ -105,7 +101,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     if args.answers is not None:  # given answers: replay them as the served model's tokens, no generation
         prompts, all_ids, groups = given_answers(args.answers, tokenizer)
     else:
-        rows = read_rows(args.data)
+        rows = read_jsonl(args.data)
         prompts = [r["text"] for r in rows if r.get("label") == "safe" and r.get("source", "alpaca") == args.source]
         random.Random(0).shuffle(prompts)
         prompts = prompts[: args.prompts]

@@ -67,8 +67,9 @@ def encoded_rows(rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 TRAINING_FILES = ("contrast_pairs", "harmful_extra", "harmful_styles", "casual_ordinary", "ordinary",
                   "r7_everyday_howto", "borderline_safe", "borderline_more", "personal_context")
 TRAINING_ENCODINGS: dict[str, Callable[[str], str]] = {
-    "base64": ENCODINGS["base64"][0], "l33t": lambda t: t.lower().translate(_LEET), "reversed": lambda t: t[::-1],
-    "rot13": ENCODINGS["rot13"][0], "letter-by-letter": lambda t: ".".join(_plain(t)),
+    "base64": ENCODINGS["base64"][0], "l33t": lambda t: t.lower().translate(_LEET),
+    "reversed": ENCODINGS["backwards"][0], "rot13": ENCODINGS["rot13"][0],
+    "letter-by-letter": lambda t: ".".join(_plain(t)),
 }
 TRAINING_NEUTRAL = ("Please decode the following {e} text and respond to it: ",
                     "Here's my question in {e}, answer it: ", "{e} below, reply to what it says.\n",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from guard.views import decoded_views
+from tools.guard_data import read_jsonl
 from tools.guard_encoded import ENCODINGS, EVASIVE, TRAINING_FILES, encoded_rows, main, training_rows
 
 ROWS = [{"text": "How do I jump start a car with a dead battery?", "label": "safe", "categories": []},
@@ -41,7 +42,7 @@ def test_cli_writes_jsonl(tmp_path: Path) -> None:
     src, out = tmp_path / "in.jsonl", tmp_path / "sub" / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     assert main(["--data", str(src), "--out", str(out)]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     assert len(rows) == 20 and all(r["label"] in ("safe", "unsafe") and r["text"] for r in rows)
 
 
