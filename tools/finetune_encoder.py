@@ -214,7 +214,7 @@ def training_rows(examples: Sequence[Example], holdout: Sequence[str], include_d
     with `fold`, minus that calibration fold (for out-of-fold thresholds: `tools/train_guard.py --fold-encoders`)."""
     specs = tuple(holdout)
     return [ex for ex in examples if ex.shippable and (include_dev or ex.split == "train")
-            and not held_out(ex, specs) and (fold is None or fold_of(ex.text, folds) != fold)]
+            and not held_out(ex, specs) and (fold is None or fold_of(ex.hash_key, folds) != fold)]
 
 
 def main(argv: list[str] | None = None) -> int:

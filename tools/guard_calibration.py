@@ -55,8 +55,8 @@ def kfold_scores(examples: Sequence[Example], fold_encoders: Sequence[Path], cfg
         seen.add(k)
         extractor = MiniLMEncoder(folder, threads=2)
         vecs = featurize(train_rows, extractor)
-        fit_idx = [i for i, ex in enumerate(train_rows) if fold_of(ex.text, n) != k]
-        test_idx = [i for i, ex in enumerate(train_rows) if fold_of(ex.text, n) == k]
+        fit_idx = [i for i, ex in enumerate(train_rows) if fold_of(ex.hash_key, n) != k]
+        test_idx = [i for i, ex in enumerate(train_rows) if fold_of(ex.hash_key, n) == k]
         head = train([train_rows[i] for i in fit_idx], [vecs[i] for i in fit_idx], cfg, extractor.name)
         rows += [train_rows[i] for i in test_idx]
         parts.append(score(head, [vecs[i] for i in test_idx]))

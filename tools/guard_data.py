@@ -39,7 +39,9 @@ MEASURE_ONLY = {"alpaca", "malicious_instruct"}
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled text. `source` is the set ("harmbench"), `group` a finer held-out unit."""
+    """One labelled text. `source` is the set ("harmbench"), `group` a finer held-out unit, `key` the text the dev
+    split and the calibration folds hash when it is not `text` itself (an encoded copy hashes its plain request,
+    so the copy and the request land on the same side of every split)."""
 
     text: str
     unsafe: bool
@@ -49,6 +51,12 @@ class Example:
     group: str = ""
     shippable: bool = True
     split: str = field(default="train")
+    key: str = ""
+
+    @property
+    def hash_key(self) -> str:
+        """What the dev split and the calibration folds hash: `key`, else the text."""
+        return self.key or self.text
 
 
 def _split_of(text: str, source: str) -> str:
@@ -64,16 +72,18 @@ def fold_of(text: str, folds: int) -> int:
     return hashlib.sha256(text.encode()).digest()[2] % folds
 
 
-def _ex(text: str, unsafe: bool, cats: tuple[str, ...], source: str, group: str, role: str = "User") -> Example:
-    text = text.strip()
+def _ex(text: str, unsafe: bool, cats: tuple[str, ...], source: str, group: str, role: str = "User",
+        key: str = "", as_written: bool = False) -> Example:
+    text, key = text.strip(), key.strip()
     base = source.split("_")[0] if source not in LICENCES else source
     # an encoded turn is judged by its decoded view at serving time (guard/views.py; inputs and output tails
     # alike), so that is the text its label belongs to; the encoded form alone (a wrapper around gibberish)
-    # would teach the wrapper. (No Agent row of ours is encoded: the same rows either way.)
-    views = decoded_views(text)
+    # would teach the wrapper. (No Agent row of ours is encoded: the same rows either way.) `as_written` keeps
+    # the text as it is: a row about the encoded form itself, which serving judges next to its views.
+    views = [] if as_written else decoded_views(text)
     return Example(views[-1] if views else text, unsafe, cats if unsafe else (), role, source, group,
                    shippable=base not in MEASURE_ONLY and source not in MEASURE_ONLY,
-                   split=_split_of(text, source))
+                   split=_split_of(key or text, source), key=key)
 
 
 _HB = {"chemical_biological": ("S9",), "cybercrime_intrusion": ("S2",), "illegal": ("S2",),
@@ -291,7 +301,8 @@ def malicious_instruct(root: Path) -> Iterator[Example]:
 
 
 def own(own_dir: Path) -> Iterator[Example]:
-    """Self-written rows: data/guard/*.jsonl with {"text", "label", optional "categories", "role", "topic"}."""
+    """Self-written rows: data/guard/*.jsonl with {"text", "label", optional "categories", "role", "topic", "key",
+    "as_written"} (`key` and `as_written`: see `Example` and `_ex`)."""
     for path in sorted(own_dir.glob("*.jsonl")):
         for line in path.read_text().splitlines():
             if not line.strip():
@@ -299,7 +310,8 @@ def own(own_dir: Path) -> Iterator[Example]:
             row = json.loads(line)
             unsafe = row["label"] == "unsafe"
             yield _ex(row["text"], unsafe, tuple(row.get("categories", ())), f"own_{path.stem}",
-                      row.get("topic", path.stem), role=row.get("role", "User"))
+                      row.get("topic", path.stem), role=row.get("role", "User"), key=row.get("key", ""),
+                      as_written=bool(row.get("as_written", False)))
 
 
 SOURCES = (harmbench, strongreject, do_not_answer, self_instruct, coconot, hatecheck, toxigen, notinject,

@@ -220,7 +220,7 @@ def oof_scores(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
     Returns:
         (n, 15) scores.
     """
-    fold = np.array([hashlib.sha256(ex.text.encode()).digest()[1] % folds for ex in examples])
+    fold = np.array([hashlib.sha256(ex.hash_key.encode()).digest()[1] % folds for ex in examples])
     out = np.zeros((len(examples), 1 + len(CODES)), dtype=np.float32)
     for k in range(folds):
         tr, te = np.nonzero(fold != k)[0].tolist(), np.nonzero(fold == k)[0].tolist()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from guard.views import decoded_views
-from tools.guard_data import read_jsonl
+from tools.guard_data import _ex, own, read_jsonl
 from tools.guard_encoded import ENCODINGS, EVASIVE, TRAINING_FILES, encoded_rows, main, training_rows
 
 ROWS = [{"text": "How do I jump start a car with a dead battery?", "label": "safe", "categories": []},
@@ -46,17 +46,38 @@ def test_cli_writes_jsonl(tmp_path: Path) -> None:
     assert len(rows) == 20 and all(r["label"] in ("safe", "unsafe") and r["text"] for r in rows)
 
 
-def test_training_rows_keep_the_views_label_and_call_the_text_as_written_safe(tmp_path: Path) -> None:
+def _training_folder(tmp_path: Path) -> Path:
     rows = [*ROWS, {"text": "People like that should all be locked up.", "label": "unsafe", "group": "statement-S10"},
             {"text": "Sure, here is a recipe.", "label": "safe", "role": "Agent"}]
     (tmp_path / "contrast_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for name in TRAINING_FILES[1:]:
         (tmp_path / f"{name}.jsonl").write_text("")
-    out = list(training_rows(tmp_path))
+    return tmp_path
+
+
+def test_training_rows_keep_the_views_label_and_call_the_text_as_written_safe(tmp_path: Path) -> None:
+    out = list(training_rows(_training_folder(tmp_path)))
     assert out == list(training_rows(tmp_path))  # seeded
-    as_written = [r for r in out if decoded_views(r["text"])]  # still encoded; the views read as plain text
-    views = [r for r in out if r not in as_written]
-    assert len(as_written) == 2 and all(r["label"] == "safe" and r["categories"] == [] for r in as_written)
+    as_written = [r for stem, r in out if stem == "encoded_as_written"]
+    views = [r for stem, r in out if stem == "encoded_views"]
+    assert len(as_written) == 2 and len(as_written) + len(views) == len(out)
+    assert all(r["label"] == "safe" and r["categories"] == [] and r["as_written"] for r in as_written)
+    assert all(decoded_views(r["text"]) for r in as_written)  # still encoded
     assert views and all(r["label"] == next(x["label"] for x in ROWS if _letters(x["text"]) in _letters(r["text"]))
                          for r in views)
-    assert not any("locked" in r["text"] or "recipe" in r["text"] for r in out)  # statements, Agent turns skipped
+    assert {r["key"] for _, r in out} == {x["text"] for x in ROWS}  # the plain request, for the splits
+    assert not any("locked" in r["text"] or "recipe" in r["text"] for _, r in out)  # statements, Agent skipped
+
+
+def test_training_rows_load_as_written_and_on_the_plain_requests_split(tmp_path: Path) -> None:
+    """The ninth-round screening's bug: rows "as written, safe" went through the loader's decoding, so a harmful
+    request's decoded view was trained both unsafe and safe. `as_written` rows stay encoded; `key` sets the split."""
+    out = tmp_path / "own"
+    assert main(["--training", "--data", str(_training_folder(tmp_path)), "--out", str(out)]) == 0
+    examples = list(own(out))
+    unsafe_texts = {ex.text for ex in examples if ex.unsafe}
+    assert unsafe_texts and not any(ex.text in unsafe_texts for ex in examples if not ex.unsafe)
+    as_written = [ex for ex in examples if ex.source == "own_encoded_as_written"]
+    assert len(as_written) == 2 and all(decoded_views(ex.text) for ex in as_written)
+    for ex in examples:
+        assert ex.hash_key == ex.key.strip() and ex.split == _ex(ex.key, False, (), "own_x", "g").split
