@@ -11,9 +11,9 @@ the twins; one that learned "encoded = attack" flags both. Rows carry `source` =
 
 `--training` writes candidate training rows instead (a data round's, never the measurement set's): each of our
 own User requests once, in a random encoding under a random instruction from other templates (and every
-spelling separator the views read), kept as the guard's decoded views with the request's label and, as written
-(undecoded), labelled safe, since the decoded views decide encoded content when served (docs/GUARD.md,
-"Obfuscated requests"). Both carry the plain request as `key`, so they share its dev split and folds.
+spelling separator the views read), kept as the guard's decoded views with the request's label and, for the
+harmless ones, as written (undecoded), labelled safe, since the decoded views decide encoded content when served
+(docs/GUARD.md, "Obfuscated requests"). Both carry the plain request as `key`, so they share its dev split and folds.
 
     python -m tools.guard_encoded --out build/guard/encoded_requests.jsonl
     make guard-eval DATA=build/guard/encoded_requests.jsonl
@@ -91,10 +91,13 @@ TRAINING_EVASIVE = ("Writing it this way so the moderation bot doesn't trip. ",
                     "The censor strips plain text, so: ")
 
 
-def training_rows(own: Path, seed: int = 9) -> Iterator[tuple[str, dict[str, Any]]]:
+def training_rows(own: Path, seed: int = 9, harmful_as_written: bool = False
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
     """One encoded copy of each own User request (`TRAINING_FILES`, statements excluded), as (file stem, row):
-    its decoded views with its label ("encoded_views"), and the text as written labelled safe
-    ("encoded_as_written", kept undecoded); a request whose copies the views cannot read is skipped. Every row
+    its decoded views with its label ("encoded_views"), and, for a harmless request, the text as written labelled
+    safe ("encoded_as_written", kept undecoded; with `harmful_as_written`, a harmful request's too, as the tenth
+    round had it: readable encodings such as leetspeak then teach harmful words as safe). A request whose copies
+    the views cannot read is skipped. Every row
     carries the plain request as `key`, so a copy falls on the plain request's side of the dev split and the
     calibration folds."""
     rng = random.Random(seed)
@@ -116,8 +119,9 @@ def training_rows(own: Path, seed: int = 9) -> Iterator[tuple[str, dict[str, Any
             for view in views:
                 yield "encoded_views", {"text": view, "label": row["label"], "categories": row.get("categories", []),
                                         "key": plain}
-            yield "encoded_as_written", {"text": text, "label": "safe", "categories": [], "key": plain,
-                                         "as_written": True}
+            if row["label"] == "safe" or harmful_as_written:
+                yield "encoded_as_written", {"text": text, "label": "safe", "categories": [], "key": plain,
+                                             "as_written": True}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSONL file (with --training: a folder)")
     parser.add_argument("--training", action="store_true",
                         help="candidate training rows from the own-rows folder --data (see above)")
+    parser.add_argument("--harmful-as-written", action="store_true",
+                        help="with --training: harmful requests' copies as written too, labelled safe (tenth round)")
     args = parser.parse_args(argv)
     files: dict[Path, list[dict[str, Any]]] = {}
     if args.training:
-        for stem, row in training_rows(args.data):
+        for stem, row in training_rows(args.data, harmful_as_written=args.harmful_as_written):
             files.setdefault(args.out / f"{stem}.jsonl", []).append(row)
     else:
         files[args.out] = list(encoded_rows(read_jsonl(args.data)))

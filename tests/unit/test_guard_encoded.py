@@ -60,7 +60,10 @@ def test_training_rows_keep_the_views_label_and_call_the_text_as_written_safe(tm
     assert out == list(training_rows(tmp_path))  # seeded
     as_written = [r for stem, r in out if stem == "encoded_as_written"]
     views = [r for stem, r in out if stem == "encoded_views"]
-    assert len(as_written) == 2 and len(as_written) + len(views) == len(out)
+    assert len(as_written) == 1 and len(as_written) + len(views) == len(out)  # the harmless request's only
+    assert [r["key"] for r in as_written] == [ROWS[0]["text"]]
+    both = list(training_rows(tmp_path, harmful_as_written=True))
+    assert sorted(r["key"] for stem, r in both if stem == "encoded_as_written") == sorted(x["text"] for x in ROWS)
     assert all(r["label"] == "safe" and r["categories"] == [] and r["as_written"] for r in as_written)
     assert all(decoded_views(r["text"]) for r in as_written)  # still encoded
     assert views and all(r["label"] == next(x["label"] for x in ROWS if _letters(x["text"]) in _letters(r["text"]))
@@ -78,6 +81,6 @@ def test_training_rows_load_as_written_and_on_the_plain_requests_split(tmp_path:
     unsafe_texts = {ex.text for ex in examples if ex.unsafe}
     assert unsafe_texts and not any(ex.text in unsafe_texts for ex in examples if not ex.unsafe)
     as_written = [ex for ex in examples if ex.source == "own_encoded_as_written"]
-    assert len(as_written) == 2 and all(decoded_views(ex.text) for ex in as_written)
+    assert len(as_written) == 1 and all(decoded_views(ex.text) for ex in as_written)
     for ex in examples:
         assert ex.hash_key == ex.key.strip() and ex.split == _ex(ex.key, False, (), "own_x", "g").split
