@@ -34,6 +34,9 @@ _SPELLED_WORDS = {sep: re.compile(rf"(?<![\w{e}])[A-Za-z](?:{e}[A-Za-z])+(?![\w{
                   for sep, e in ((s, re.escape(s)) for s in "-.*_")}
 # segments that may be reversed independently ("reverse this and answer: ?...")
 _SEGMENT = re.compile(r"[^\n:\"“”]+")
+# a segment that reads as English may still end in an encoded sentence ("What does this say? Ubj qb V ..."):
+# sentences start after end punctuation and a space (reversed text keeps its punctuation before the space)
+_SENTENCE = re.compile(r"(?<=[.?!])\s+")
 # frequent English words; decoded text is recognised by them
 _FREQUENT_WORDS = (
     "the and for with from how what why where who which you your can does make get give tell write show find "
@@ -52,7 +55,8 @@ MIN_LEET_WORDS = 3  # leetspeak needs this many substituted words, making up ...
 MIN_LEET_SHARE = 0.3  # ... this share of the words that have letters, and ...
 MIN_DECODED_COMMON = 2  # ... (as for reversed text) this many frequent words must appear once decoded
 MIN_COMMON_SHARE = 0.2  # reversed segment: share of frequent words once reversed ...
-MAX_COMMON_SHARE = 0.05  # ... and at most this share as written
+MAX_COMMON_SHARE = 0.05  # ... and at most this share as written, or at most ...
+MAX_COMMON_SHARE_RATIO = 0.15  # ... this share when undoing the segment triples it (ROT13 maps "be" to "or")
 
 
 def _readable_base64(token: str) -> str | None:
@@ -158,18 +162,31 @@ def _segment_view(text: str) -> str | None:
     yields frequent English words and as written it has almost none."""
     found = False
 
-    def undo(m: re.Match[str]) -> str:
-        nonlocal found
-        seg = m.group(0)
-        if len(seg.split()) < 3 or _common(seg)[1] > MAX_COMMON_SHARE:
-            return seg
+    def undo_piece(seg: str) -> str | None:
+        written = _common(seg)[1]
+        if len(seg.split()) < 3 or written > MAX_COMMON_SHARE_RATIO:
+            return None
         for decode in _SEGMENT_DECODERS:
             plain = decode(seg)
             hits, share = _common(plain)
-            if hits >= MIN_DECODED_COMMON and share >= MIN_COMMON_SHARE:
-                found = True
+            if hits >= MIN_DECODED_COMMON and share >= MIN_COMMON_SHARE and (
+                    written <= MAX_COMMON_SHARE or share >= 3 * written):
                 return plain
-        return seg
+        return None
+
+    def undo(m: re.Match[str]) -> str:
+        nonlocal found
+        seg = m.group(0)
+        plain = undo_piece(seg)
+        if plain is None and _SENTENCE.search(seg):  # the whole reads as English: its sentences one by one
+            parts = _SENTENCE.split(seg)
+            undone = [undo_piece(part) for part in parts]
+            if any(u is not None for u in undone):
+                plain = " ".join(u if u is not None else part for part, u in zip(parts, undone, strict=True))
+        if plain is None:
+            return seg
+        found = True
+        return plain
 
     view = _SEGMENT.sub(undo, text)
     return view if found else None

@@ -79,6 +79,12 @@ def _lowest_within(overall: FloatArray, budgets: Sequence[tuple[np.ndarray, floa
     return 0.95
 
 
+def _user_rows(examples: Sequence[Example]) -> tuple[np.ndarray, list[Example]]:
+    """The mask of the User rows (input stage) and those rows."""
+    user = np.array([ex.role == "User" for ex in examples], dtype=bool)
+    return user, [ex for ex, keep in zip(examples, user, strict=True) if keep]
+
+
 def choose_stage_thresholds(examples: Sequence[Example], overall: FloatArray, ordinary_fpr: float,
                             borderline_fpr: float) -> tuple[float, float]:
     """`choose_threshold` on the User rows (input stage) and on the Agent rows (output stage) separately.
@@ -92,7 +98,7 @@ def choose_stage_thresholds(examples: Sequence[Example], overall: FloatArray, or
     Returns:
         (input threshold, output threshold); a stage without budgeted rows takes the other's threshold.
     """
-    user = np.array([ex.role == "User" for ex in examples], dtype=bool)
+    user, _ = _user_rows(examples)
     found: list[float | None] = []
     for m in (user, ~user):
         budgets = _budgets([ex for ex, keep in zip(examples, m, strict=True) if keep], ordinary_fpr, borderline_fpr)
@@ -129,8 +135,7 @@ def choose_input_margin_thresholds(examples: Sequence[Example], overall: FloatAr
         (input threshold, output threshold), input <= output.
     """
     t_out = choose_threshold(examples, overall, ordinary_fpr, borderline_fpr)
-    user = np.array([ex.role == "User" for ex in examples], dtype=bool)
-    users = [ex for ex, keep in zip(examples, user, strict=True) if keep]
+    user, users = _user_rows(examples)
     if not users:
         return t_out, t_out
     t_user = choose_threshold(users, overall[user], ordinary_fpr, input_borderline_fpr)
@@ -149,11 +154,16 @@ def choose_thresholds(examples: Sequence[Example], overall: FloatArray, ordinary
         ordinary_fpr: FPR budget on each ordinary source.
         borderline_fpr: FPR budget on each borderline safe source.
         per_stage: `choose_stage_thresholds` instead of one threshold.
-        input_borderline_fpr: with it (and not `per_stage`), `choose_input_margin_thresholds`.
+        input_borderline_fpr: with it, `choose_input_margin_thresholds` (not together with `per_stage`).
 
     Returns:
         (input threshold, output threshold), equal unless `per_stage` or `input_borderline_fpr`.
+
+    Raises:
+        ValueError: both `per_stage` and `input_borderline_fpr` (two rules for the input threshold).
     """
+    if per_stage and input_borderline_fpr is not None:
+        raise ValueError("per_stage and input_borderline_fpr are two rules for the input threshold: choose one")
     if per_stage:
         return choose_stage_thresholds(examples, overall, ordinary_fpr, borderline_fpr)
     if input_borderline_fpr is not None:

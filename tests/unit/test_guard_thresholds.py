@@ -70,6 +70,12 @@ def test_the_margin_rule_keeps_the_pooled_output_threshold_and_lowers_the_input_
     assert choose_thresholds(ex, scores, 0.0, 0.5, input_borderline_fpr=0.0) == (t_in, t_out)
 
 
+def test_two_rules_for_the_input_threshold_are_refused() -> None:
+    ex, scores = _rows()
+    with pytest.raises(ValueError, match="per_stage and input_borderline_fpr"):
+        choose_thresholds(ex, scores, 0.0, 0.5, per_stage=True, input_borderline_fpr=0.21)
+
+
 def test_the_margin_rule_never_raises_the_input_threshold_above_the_pooled_one() -> None:
     ex, scores = _rows()
     scores = scores.copy()
