@@ -97,15 +97,15 @@ def training_rows(own: Path, seed: int = 9, harmful_as_written: bool = False
     its decoded views with its label ("encoded_views"), and, for a harmless request, the text as written labelled
     safe ("encoded_as_written", kept undecoded; with `harmful_as_written`, a harmful request's too, as the tenth
     round had it: readable encodings such as leetspeak then teach harmful words as safe). A request whose copies
-    the views cannot read is skipped. Every row
-    carries the plain request as `key`, so a copy falls on the plain request's side of the dev split and the
-    calibration folds."""
-    rng = random.Random(seed)
+    the views cannot read is skipped. Every row carries the plain request as `key`, so a copy falls on the plain
+    request's side of the dev split and the calibration folds. Each request draws from its own generator (seeded
+    by `seed` and its text), so a change to one row or to the views alters that row's copy only."""
     for name in TRAINING_FILES:
         for row in read_jsonl(own / f"{name}.jsonl"):
             if row.get("role", "User") != "User" or "statement" in str(row.get("group", "")):
                 continue
             plain = str(row["text"]).strip()
+            rng = random.Random(f"{seed}:{plain}")
             for _ in range(8):  # a copy the views cannot read would put a harmful request in "as written, safe"
                 encoding = rng.choice(list(TRAINING_ENCODINGS))
                 prefix = (rng.choice(TRAINING_EVASIVE) if rng.random() < 0.5 else "") + rng.choice(

@@ -84,3 +84,12 @@ def test_training_rows_load_as_written_and_on_the_plain_requests_split(tmp_path:
     assert len(as_written) == 1 and all(decoded_views(ex.text) for ex in as_written)
     for ex in examples:
         assert ex.hash_key == ex.key.strip() and ex.split == _ex(ex.key, False, (), "own_x", "g").split
+
+
+def test_each_requests_copy_is_independent_of_the_other_rows(tmp_path: Path) -> None:
+    before = [r for _, r in training_rows(_training_folder(tmp_path))]
+    path = tmp_path / "contrast_pairs.jsonl"
+    extra = {"text": "What time does the bakery on Main Street open?", "label": "safe"}
+    path.write_text(json.dumps(extra) + "\n" + path.read_text())
+    after = [r for _, r in training_rows(tmp_path)]
+    assert [r for r in after if r["key"] != extra["text"]] == before
