@@ -19,7 +19,7 @@ import numpy as np
 from guard.backends.classifier import Head
 from guard.features import FloatArray
 from tools.guard_data import LICENCES, Example
-from tools.guard_thresholds import choose_thresholds, logit, stage_adjusted
+from tools.guard_thresholds import choose_thresholds, logit, stage_adjusted, threshold_rule_conflict
 from tools.train_guard import TrainConfig, oof_scores, score, train
 
 # Held-out-source experiments: train without the named sources, test on them (plus the measure-only sets).
@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the margin rule (train_guard --input-borderline-fpr)")
     add_data_arguments(parser)
     args = parser.parse_args(argv)
-    if args.stage_thresholds and args.input_borderline_fpr is not None:
-        parser.error("--stage-thresholds and --input-borderline-fpr are two different rules: pick one")
+    conflict = threshold_rule_conflict(args.stage_thresholds, args.input_borderline_fpr)
+    if conflict:
+        parser.error(conflict)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     examples = load_all(args.root, args.own)
     extractor = MiniLMEncoder(args.encoder, threads=2)

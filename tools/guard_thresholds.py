@@ -142,6 +142,22 @@ def choose_input_margin_thresholds(examples: Sequence[Example], overall: FloatAr
     return min(t_user, t_out), t_out
 
 
+def threshold_rule_conflict(per_stage: bool, input_borderline_fpr: float | None) -> str | None:
+    """Why the two rules cannot be asked for together (both set the input threshold), or None when they are not.
+
+    Args:
+        per_stage: the per-stage rule is asked for.
+        input_borderline_fpr: the margin rule's budget, if asked for.
+
+    Returns:
+        The message for the caller to raise or print, or None.
+    """
+    if per_stage and input_borderline_fpr is not None:
+        return "per_stage and input_borderline_fpr (--stage-thresholds, --input-borderline-fpr) are two rules " \
+               "for the input threshold: pick one"
+    return None
+
+
 def choose_thresholds(examples: Sequence[Example], overall: FloatArray, ordinary_fpr: float,
                       borderline_fpr: float, per_stage: bool = False,
                       input_borderline_fpr: float | None = None) -> tuple[float, float]:
@@ -162,8 +178,9 @@ def choose_thresholds(examples: Sequence[Example], overall: FloatArray, ordinary
     Raises:
         ValueError: both `per_stage` and `input_borderline_fpr` (two rules for the input threshold).
     """
-    if per_stage and input_borderline_fpr is not None:
-        raise ValueError("per_stage and input_borderline_fpr are two rules for the input threshold: choose one")
+    conflict = threshold_rule_conflict(per_stage, input_borderline_fpr)
+    if conflict:
+        raise ValueError(conflict)
     if per_stage:
         return choose_stage_thresholds(examples, overall, ordinary_fpr, borderline_fpr)
     if input_borderline_fpr is not None:

@@ -28,7 +28,7 @@ import numpy as np
 from guard.backends.classifier import Head, save_head
 from guard.features import FeatureExtractor, FloatArray
 from tools.guard_data import Example, add_data_arguments, load_all
-from tools.guard_thresholds import calibrated, choose_thresholds
+from tools.guard_thresholds import calibrated, choose_thresholds, threshold_rule_conflict
 
 LOG = logging.getLogger("train_guard")
 CODES = tuple(f"S{i}" for i in range(1, 15))
@@ -289,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the train split; their out-of-fold scores join the dev split's for the thresholds")
     parser.add_argument("--report", action="store_true", help="print the dev report only; write nothing")
     args = parser.parse_args(argv)
-    if args.stage_thresholds and args.input_borderline_fpr is not None:
-        parser.error("--stage-thresholds and --input-borderline-fpr are two different rules: pick one")
+    conflict = threshold_rule_conflict(args.stage_thresholds, args.input_borderline_fpr)
+    if conflict:
+        parser.error(conflict)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from guard.encoder import MiniLMEncoder
     from tools import guard_calibration, guard_report
