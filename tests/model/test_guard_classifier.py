@@ -1,5 +1,7 @@
 """The real encoders (models/minilm-l6-v2 plain and models/minilm-l6-v2-guard with the shipped adapter and int8
-weights, both built by `make encoder`) and the shipped head."""
+weights, both built by `make encoder`) and the shipped head. The behavioural checks run for the opt-in candidate
+guard too (guard/heads/candidate/ on models/minilm-l6-v2-guard-candidate): it must pass everything the default
+passes."""
 
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ ENCODER_DIR = ROOT / "models" / "minilm-l6-v2"
 GUARD_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard"
 HEAD_PATH = ROOT / "guard" / "heads" / "minilm-l6-v2.npz"
 ADAPTER_PATH = ROOT / "guard" / "heads" / "minilm-l6-v2-lora.npz"
+CANDIDATE_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard-candidate"
+CANDIDATE_HEAD_PATH = ROOT / "guard" / "heads" / "candidate" / "minilm-l6-v2.npz"
+CANDIDATE_ADAPTER_PATH = ROOT / "guard" / "heads" / "candidate" / "minilm-l6-v2-lora.npz"
+# profile -> (int8 encoder folder, head, adapter merged into that encoder)
+PROFILES = {"shipped": (GUARD_ENCODER_DIR, HEAD_PATH, ADAPTER_PATH),
+            "candidate": (CANDIDATE_ENCODER_DIR, CANDIDATE_HEAD_PATH, CANDIDATE_ADAPTER_PATH)}
 
 # Outside reference: qdrant/fastembed tests/test_text_onnx_embeddings.py, CANONICAL_VECTOR_VALUES for
 # "sentence-transformers/all-MiniLM-L6-v2": the first 5 dims of the embedding of "hello world"
@@ -44,9 +52,14 @@ def guard_encoder() -> MiniLMEncoder:
     return MiniLMEncoder(GUARD_ENCODER_DIR, threads=1)
 
 
-@pytest.fixture(scope="module")
-def moderator(guard_encoder: MiniLMEncoder) -> ClassifierModerator:
-    return ClassifierModerator(guard_encoder, load_head(HEAD_PATH))
+@pytest.fixture(scope="module", params=sorted(PROFILES))
+def moderator(request: pytest.FixtureRequest, guard_encoder: MiniLMEncoder) -> ClassifierModerator:
+    encoder_dir, head, _ = PROFILES[request.param]
+    if encoder_dir == GUARD_ENCODER_DIR:
+        return ClassifierModerator(guard_encoder, load_head(head))
+    if not (encoder_dir / "model.onnx").exists():
+        pytest.fail(f"{encoder_dir} is missing: run `make encoder`")
+    return ClassifierModerator(MiniLMEncoder(encoder_dir, threads=1), load_head(head))
 
 
 def test_matches_fastembed_reference_vector(encoder: MiniLMEncoder) -> None:
@@ -224,21 +237,24 @@ async def test_refusal_naming_a_weapon_passes(moderator: ClassifierModerator) ->
     assert verdict.safe, f"score {verdict.score:.3f}"
 
 
-def test_shipped_head_records_its_provenance() -> None:
-    meta = load_metadata(HEAD_PATH)
-    manifest = json.loads((GUARD_ENCODER_DIR / "manifest.json").read_text())
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_shipped_head_records_its_provenance(profile: str) -> None:
+    encoder_dir, head_path, adapter_path = PROFILES[profile]
+    meta = load_metadata(head_path)
+    manifest = json.loads((encoder_dir / "manifest.json").read_text())
     # the head was trained on the encoder with exactly the shipped adapter, and the export merged that file
-    assert manifest["adapter_sha256"] == sha256_of(ADAPTER_PATH)
+    assert manifest["adapter_sha256"] == sha256_of(adapter_path)
+    assert meta["encoder_manifest"]["adapter"] == str(adapter_path.relative_to(ROOT))  # type: ignore[index]
     assert manifest["weights"] == "int8"
-    assert meta["features"] == manifest["feature_name"] == export_encoder.feature_name(sha256_of(ADAPTER_PATH),
+    assert meta["features"] == manifest["feature_name"] == export_encoder.feature_name(sha256_of(adapter_path),
                                                                                         int8=True)
     # the adapter saw the train split: thresholds from the dev split (+ out-of-fold scores from fold adapters)
     assert str(meta["threshold_calibration"]).startswith("dev")
     sources = meta["training_sources"]
     assert isinstance(sources, dict)
     assert "alpaca" not in sources and "malicious_instruct" not in sources  # measure-only licences
-    assert HEAD_PATH.stat().st_size < 400_000
-    assert ADAPTER_PATH.stat().st_size < 2_000_000
+    assert head_path.stat().st_size < 400_000
+    assert adapter_path.stat().st_size < 2_000_000
 
 
 def test_guard_encoder_is_the_plain_encoder_plus_the_adapter_in_int8(encoder: MiniLMEncoder,
@@ -287,3 +303,21 @@ def test_encoder_threads_setting_reaches_the_encoder_session() -> None:
     assert moderator._executor is worker  # type: ignore[attr-defined]  # one dedicated encoder thread
     session = moderator._extractor._session  # type: ignore[attr-defined]
     assert session.get_session_options().intra_op_num_threads == 2
+
+
+async def test_candidate_profile_is_served_through_the_config_and_refuses_the_wrong_encoder() -> None:
+    # what `make run GUARD_PROFILE=candidate` passes: --guard-encoder and --guard-head of the candidate
+    from service.config import load_config
+    from service.guard_factory import build_classifier
+
+    config = load_config([f"--guard-encoder={CANDIDATE_ENCODER_DIR}", f"--guard-head={CANDIDATE_HEAD_PATH}"], {})
+    moderator, worker = build_classifier(config)
+    try:
+        verdict = await moderator.moderate([Message("user", HARMFUL[0])], Role.USER, Stage.INPUT)
+    finally:
+        worker.shutdown()
+    assert not verdict.safe
+    # the candidate's head on the shipped encoder (another adapter, another feature space) is refused at load
+    wrong = load_config([f"--guard-encoder={GUARD_ENCODER_DIR}", f"--guard-head={CANDIDATE_HEAD_PATH}"], {})
+    with pytest.raises(ValueError, match=r"trained on .* features"):
+        build_classifier(wrong)
