@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from guard.backends.classifier import load_metadata
 from guard.moderator import Moderator
 from guard.policy import FailSafeModerator, Policy
 from guard.taxonomy import BUILTIN_CODES, sort_codes
@@ -58,6 +59,17 @@ def policy_from_config(config: Config) -> Policy:
                   output_prefilter_below=g.output_prefilter_below, timeout_seconds=g.timeout_seconds)
 
 
+def classifier_identity(config: Config) -> dict[str, str]:
+    """GuardInfo's classifier_head and classifier_features when the embedded classifier judges, else nothing."""
+    if config.guard.backend not in (GuardBackend.CLASSIFIER, GuardBackend.CASCADE):
+        return {}
+    try:  # a test may pass its own moderator beside a head path that does not exist
+        features = str(load_metadata(config.guard.head).get("features", ""))
+    except OSError:
+        features = ""
+    return {"classifier_head": str(config.guard.head), "classifier_features": features}
+
+
 def chat_template(tokenizer_config: dict[str, object]) -> ChatTemplate | None:
     return ChatTemplate.from_tokenizer_config(tokenizer_config) if tokenizer_config.get("chat_template") else None
 
@@ -84,7 +96,7 @@ def build_app(config: Config, engine: Engine, stats: StatsSink | None = None,
         categories=sort_codes(policy.known_codes), input_threshold=policy.input_threshold,
         output_threshold=policy.output_threshold, release_window_tokens=policy.release_window_tokens,
         first_release_window_tokens=policy.first_window_tokens,
-        fail_open=policy.fail_open)
+        fail_open=policy.fail_open, **classifier_identity(config))
     info = ServingInfo(model_name=engine.spec.path.name, precision=engine.spec.precision,
                        context_length=engine.max_context, vocab_size=engine.tokenizer.vocab_size,
                        has_chat_template=template is not None, guard=guard_info, server_version=__version__)

@@ -129,6 +129,7 @@ async def test_stream_and_unary_agree_with_stop_strings_and_logprobs(
 async def test_model_info_reports_the_served_model(stub: generation_pb2_grpc.GenerationServiceStub) -> None:
     info = (await stub.GetModelInfo(generation_pb2.GetModelInfoRequest())).model_info
     assert (info.context_length, info.has_chat_template, info.guard.backend) == (1024, True, "none")
+    assert (info.guard.classifier_head, info.guard.classifier_features) == ("", "")  # no classifier judges
     assert info.vocab_size == 49152 and info.precision
 
 

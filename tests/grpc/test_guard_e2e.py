@@ -23,6 +23,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from guard.backends.classifier import load_metadata
 from guard.moderator import Message, Moderator, Role, Stage, Verdict
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc, moderation_pb2, moderation_pb2_grpc
 from service.app import build_app
@@ -138,6 +139,11 @@ async def test_first_release_comes_after_the_first_window_and_windows_double(ser
             else:
                 final = resp.final
     assert (info.model_info.guard.release_window_tokens, info.model_info.guard.first_release_window_tokens) == (8, 2)
+    # which head judges: the configured file and its feature space (the adapter's sha256 prefix)
+    meta = load_metadata(Path(__file__).resolve().parents[2] / info.model_info.guard.classifier_head)
+    assert info.model_info.guard.classifier_head == "guard/heads/minilm-l6-v2.npz"
+    assert info.model_info.guard.classifier_features == meta["features"]
+    assert info.model_info.guard.classifier_features.startswith("minilm-l6-v2+lora-")
     assert final.usage.completion_tokens == 20, "the poem ended early: the window schedule is not exercised"
     assert sizes[:3] == [2, 4, 8] and sum(sizes) == 20  # checks after 2, 6 and 14 tokens, then the end
     assert len([c for c in rec.calls if c[0] is Stage.OUTPUT]) == 4
