@@ -59,17 +59,22 @@ class Example:
         return self.key or self.text
 
 
+def hash_byte(text: str, index: int) -> int:
+    """Byte `index` of the text's sha256: each partition of the rows reads its own byte, so they are independent
+    (0: the dev split, 1: the head's out-of-fold folds, 2: the calibration folds)."""
+    return hashlib.sha256(text.encode()).digest()[index]
+
+
 def _split_of(text: str, source: str) -> str:
     if source in MEASURE_ONLY:
         return "dev"
-    digest = hashlib.sha256(text.encode()).digest()
-    return "dev" if digest[0] < 256 * DEV_FRACTION else "train"
+    return "dev" if hash_byte(text, 0) < 256 * DEV_FRACTION else "train"
 
 
-def fold_of(text: str, folds: int) -> int:
-    """Calibration fold of a row by text hash (another hash byte than the dev split's and the head's
-    out-of-fold folds, so the partitions are independent); see tools/finetune_encoder.py --fold."""
-    return hashlib.sha256(text.encode()).digest()[2] % folds
+def fold_of(text: str, folds: int, byte: int = 2) -> int:
+    """Fold of a row by text hash: the calibration folds by default (tools/finetune_encoder.py --fold); the
+    head's out-of-fold scores pass byte=1 (`hash_byte`)."""
+    return hash_byte(text, byte) % folds
 
 
 def _ex(text: str, unsafe: bool, cats: tuple[str, ...], source: str, group: str, role: str = "User",
@@ -81,6 +86,9 @@ def _ex(text: str, unsafe: bool, cats: tuple[str, ...], source: str, group: str,
     # would teach the wrapper. (No Agent row of ours is encoded: the same rows either way.) `as_written` keeps
     # the text as it is: a row about the encoded form itself, which serving judges next to its views.
     views = [] if as_written else decoded_views(text)
+    # The dev split hashes the row as written (its key, else the text before decoding); the folds hash
+    # `Example.hash_key` (the key, else the view kept as the text). They differ only for an encoded row without
+    # a key, which keeps the split every head so far was calibrated on.
     return Example(views[-1] if views else text, unsafe, cats if unsafe else (), role, source, group,
                    shippable=base not in MEASURE_ONLY and source not in MEASURE_ONLY,
                    split=_split_of(key or text, source), key=key)

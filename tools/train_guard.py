@@ -27,7 +27,7 @@ import numpy as np
 
 from guard.backends.classifier import Head, save_head
 from guard.features import FeatureExtractor, FloatArray
-from tools.guard_data import Example, add_data_arguments, load_all
+from tools.guard_data import Example, add_data_arguments, fold_of, load_all
 from tools.guard_thresholds import calibrated, choose_thresholds, threshold_rule_conflict
 
 LOG = logging.getLogger("train_guard")
@@ -220,7 +220,7 @@ def oof_scores(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: Tra
     Returns:
         (n, 15) scores.
     """
-    fold = np.array([hashlib.sha256(ex.hash_key.encode()).digest()[1] % folds for ex in examples])
+    fold = np.array([fold_of(ex.hash_key, folds, byte=1) for ex in examples])
     out = np.zeros((len(examples), 1 + len(CODES)), dtype=np.float32)
     for k in range(folds):
         tr, te = np.nonzero(fold != k)[0].tolist(), np.nonzero(fold == k)[0].tolist()
