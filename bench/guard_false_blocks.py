@@ -101,6 +101,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     if args.answers is not None:  # given answers: replay them as the served model's tokens, no generation
         prompts, all_ids, groups = given_answers(args.answers, tokenizer)
     else:
+        if not args.data.exists():
+            raise SystemExit(f"{args.data} is missing: python -m tools.guard_data --split unseen --out {args.data}")
         rows = read_jsonl(args.data)
         prompts = [r["text"] for r in rows if r.get("label") == "safe" and r.get("source", "alpaca") == args.source]
         random.Random(0).shuffle(prompts)
@@ -170,7 +172,8 @@ def main() -> int:
     ap.add_argument("--encoder", type=Path, default=Path("models/minilm-l6-v2-guard"))
     ap.add_argument("--head", type=Path, nargs="+", default=[Path("guard/heads/minilm-l6-v2.npz")],
                     help="one or more heads, compared on the same answers")
-    ap.add_argument("--data", type=Path, default=Path("build/guard/unseen.jsonl"))
+    ap.add_argument("--data", type=Path, default=Path("build/guard/unseen.jsonl"),
+                    help="benign prompts (default: `python -m tools.guard_data --split unseen --out` this path)")
     ap.add_argument("--answers", type=Path, default=None,
                     help="replay these answers (JSONL {text, label, prompt, optional kind}) instead of generating; "
                          "e.g. data/guard_eval/answers_blind.jsonl")

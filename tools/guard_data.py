@@ -7,6 +7,7 @@ one function per source, and summarised in docs/GUARD.md.
 
 Usage (writes JSONL rows {"text", "label", "categories", "role", "source", "split"} for `make guard-eval`):
     python -m tools.guard_data --out build/guard/dev.jsonl --split dev
+    python -m tools.guard_data --out build/guard/unseen.jsonl --split unseen   # bench.guard_false_blocks' default
 """
 
 from __future__ import annotations
@@ -376,10 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
-    parser.add_argument("--split", choices=("train", "dev", "all"), default="dev")
+    parser.add_argument("--split", choices=("train", "dev", "all", "unseen"), default="dev",
+                        help="unseen: the measure-only sources (Alpaca, MaliciousInstruct) that no head trains on")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    rows = [ex for ex in load_all(args.root, args.own) if args.split in ("all", ex.split)]
+    rows = [ex for ex in load_all(args.root, args.own)
+            if args.split == "all" or (ex.source in MEASURE_ONLY if args.split == "unseen" else ex.split == args.split)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as fh:
         for ex in rows:
