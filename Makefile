@@ -34,8 +34,11 @@ model-all: venv
 	$(PY) -m tools.fetch_model --precision int8 --out models/$(MODEL_NAME)-int8
 	$(PY) -m tools.fetch_model --precision fp32 --out models/$(MODEL_NAME)-fp32
 
-# GUARD_PROFILE=candidate serves the opt-in candidate guard (guard/heads/candidate/, README "Guard").
-GUARD_PROFILE ?= shipped
+# GUARD_PROFILE=candidate serves the opt-in candidate guard (guard/heads/candidate/, README "Moderation").
+GUARD_PROFILE ?= default
+ifeq ($(filter $(GUARD_PROFILE),default candidate),)
+$(error GUARD_PROFILE must be default or candidate, got "$(GUARD_PROFILE)")
+endif
 ifeq ($(GUARD_PROFILE),candidate)
 run: venv protos model encoder-candidate
 	$(PY) -m service serve --model $(MODEL_DIR) --guard-encoder $(CANDIDATE_ENCODER_DIR) --guard-head $(CANDIDATE_HEAD).npz
