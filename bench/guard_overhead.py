@@ -48,6 +48,12 @@ class _Stream:
     def ttft(self) -> float:
         return self.times[0]
 
+    def time_to(self, n: int) -> float | None:
+        """Seconds until the first chunk holding `n` tokens in all. With n = the guard's first release window
+        this compares TTFT without the window's own wait: a guarded stream releases its first text only then,
+        an unguarded one has streamed those tokens by then."""
+        return next((t for t, k in zip(self.times, self.tokens, strict=True) if k >= n), None)
+
     def itl(self) -> list[float]:
         """Per chunk after the first: its gap divided by its tokens."""
         return [(t1 - t0) / max(1, n1 - n0)
@@ -97,8 +103,8 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
     first_release = first_window_size(guarded_cfg.guard.release_window_tokens,
                                       guarded_cfg.guard.first_release_window_tokens)
     results: dict[str, dict[str, list[float]]] = {
-        "none": {"ttft": [], "itl": [], "tpot": [], "tok_s": []},
-        "classifier": {"ttft": [], "itl": [], "tpot": [], "tok_s": []},
+        "none": {"ttft": [], "ttfw": [], "itl": [], "tpot": [], "tok_s": []},
+        "classifier": {"ttft": [], "ttfw": [], "itl": [], "tpot": [], "tok_s": []},
     }
     try:
         for _ in range(rounds):
@@ -111,6 +117,9 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
                         wall = time.perf_counter() - started
                         for run in (r for r in runs if r.times):
                             results[name]["ttft"].append(run.ttft)
+                            ttfw = run.time_to(first_release)
+                            if ttfw is not None:
+                                results[name]["ttfw"].append(ttfw)
                             results[name]["itl"].extend(run.itl())
                             tpot = run.tpot(first_release)
                             if tpot is not None:
@@ -129,7 +138,9 @@ async def main_async(model: Path, rounds: int, max_new: int, encoder_threads: in
         "input_verdict_share_of_unguarded_ttft": verdict_median.get("input", 0.0) / med["none"]["ttft"],
         "verdicts": {k: len(v) for k, v in by_stage.items()},
         "note": "guarded TTFT includes the input verdict and the first release window (its tokens generated "
-        "and judged before the first text is released); itl is per token",
+        "and judged before the first text is released); ttfw is the time until the first window's tokens have "
+        "arrived in either configuration, so its ratio is the guard's cost without the window's own wait; itl "
+        "is per token",
         "rounds": rounds,
         "encoder_threads": encoder_threads,
         "server_args": list(server_args),
@@ -169,7 +180,8 @@ def main() -> int:
                     help="guard.output_prefilter_chars of the guarded server (0 = off; default: the config default)")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="extra `serve` option for the guarded server, repeatable "
-                         "(--server-arg=--no-guard-encoder-turns)")
+                         "(--server-arg=--no-guard-encoder-turns); passed after the named flags above, so it "
+                         "overrides them (--server-arg=--guard-head=H wins over --head)")
     a = ap.parse_args()
     out = asyncio.run(main_async(a.model, a.rounds, a.max_new_tokens, a.encoder_threads, a.first_window,
                                  a.encoder, a.head, a.concurrency, a.stagger,

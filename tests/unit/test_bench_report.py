@@ -219,6 +219,9 @@ def test_guard_overhead_tpot_counts_the_same_token_span_in_both_configurations()
     assert guarded.itl() == pytest.approx([0.10 / 4, 0.06 / 4])  # one value per chunk, per token
     assert _Stream(times=[0.2], tokens=[3]).tpot(after=4) is None  # never reached the span
     assert _Stream(times=[0.2], tokens=[4]).tpot(after=4) is None  # nothing after it
+    # time to the first window's tokens: the unguarded stream's 4th token, the guarded stream's first release
+    assert plain.time_to(4) == pytest.approx(0.13) and guarded.time_to(4) == pytest.approx(0.20)
+    assert _Stream(times=[0.2], tokens=[3]).time_to(4) is None
 
 
 def test_false_blocks_groups_given_answers_by_label_and_kind(tmp_path: Path) -> None:
