@@ -39,13 +39,11 @@ GUARD_PROFILE ?= default
 ifeq ($(filter $(GUARD_PROFILE),default candidate),)
 $(error GUARD_PROFILE must be default or candidate, got "$(GUARD_PROFILE)")
 endif
-ifeq ($(GUARD_PROFILE),candidate)
-run: venv protos model encoder-candidate
-	$(PY) -m service serve --model $(MODEL_DIR) --guard-encoder $(CANDIDATE_ENCODER_DIR) --guard-head $(CANDIDATE_HEAD).npz
-else
-run: venv protos model encoder-guard
-	$(PY) -m service serve --model $(MODEL_DIR)
-endif
+RUN_ENCODER = $(if $(filter candidate,$(GUARD_PROFILE)),encoder-candidate,encoder-guard)
+RUN_GUARD_ARGS = $(if $(filter candidate,$(GUARD_PROFILE)),\
+  --guard-encoder $(CANDIDATE_ENCODER_DIR) --guard-head $(CANDIDATE_HEAD).npz)
+run: venv protos model $(RUN_ENCODER)
+	$(PY) -m service serve --model $(MODEL_DIR) $(RUN_GUARD_ARGS)
 
 lint: venv protos
 	$(VENV)/bin/ruff check service guard tools tests bench

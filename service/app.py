@@ -63,10 +63,7 @@ def classifier_identity(config: Config) -> dict[str, str]:
     """GuardInfo's classifier_head and classifier_features when the embedded classifier judges, else nothing."""
     if config.guard.backend not in (GuardBackend.CLASSIFIER, GuardBackend.CASCADE):
         return {}
-    try:  # a test may pass its own moderator beside a head path that does not exist
-        features = str(load_metadata(config.guard.head).get("features", ""))
-    except OSError:
-        features = ""
+    features = str(load_metadata(config.guard.head).get("features", ""))
     return {"classifier_head": str(config.guard.head), "classifier_features": features}
 
 

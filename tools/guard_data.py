@@ -366,6 +366,12 @@ def to_eval_row(ex: Example) -> dict[str, object]:
             "role": ex.role, "source": row["source"], "group": row["group"]}
 
 
+def _in_split(ex: Example, split: str) -> bool:
+    if split == "unseen":
+        return ex.source in MEASURE_ONLY
+    return split in ("all", ex.split)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: write a JSONL split for `make guard-eval`.
 
@@ -381,8 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="unseen: the measure-only sources (Alpaca, MaliciousInstruct) that no head trains on")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    rows = [ex for ex in load_all(args.root, args.own)
-            if args.split == "all" or (ex.source in MEASURE_ONLY if args.split == "unseen" else ex.split == args.split)]
+    rows = [ex for ex in load_all(args.root, args.own) if _in_split(ex, args.split)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as fh:
         for ex in rows:

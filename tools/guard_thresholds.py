@@ -98,10 +98,11 @@ def choose_stage_thresholds(examples: Sequence[Example], overall: FloatArray, or
     Returns:
         (input threshold, output threshold); a stage without budgeted rows takes the other's threshold.
     """
-    user, _ = _user_rows(examples)
+    user, users = _user_rows(examples)
+    agents = [ex for ex, keep in zip(examples, user, strict=True) if not keep]
     found: list[float | None] = []
-    for m in (user, ~user):
-        budgets = _budgets([ex for ex, keep in zip(examples, m, strict=True) if keep], ordinary_fpr, borderline_fpr)
+    for m, rows in ((user, users), (~user, agents)):
+        budgets = _budgets(rows, ordinary_fpr, borderline_fpr)
         found.append(_lowest_within(overall[m], budgets) if budgets else None)
     t_in, t_out = found
     if t_in is None:

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from guard.encoder import MiniLMEncoder
 from guard.moderator import Message
 from service.engine.engine import Engine, EngineConfig
 from service.engine.types import FinishReason, GenerationRequest, TokenEvent
@@ -27,6 +28,25 @@ from service.text.chat import ChatTemplate
 
 MAX_SLOTS = 8
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+ROOT = Path(__file__).resolve().parents[2]
+
+# The embedded guard as shipped (`make encoder` builds both encoder folders): the default and the opt-in candidate,
+# each an int8 encoder with its own adapter merged in, the head trained on that encoder's features, the adapter.
+GUARD_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard"
+HEAD_PATH = ROOT / "guard" / "heads" / "minilm-l6-v2.npz"
+ADAPTER_PATH = ROOT / "guard" / "heads" / "minilm-l6-v2-lora.npz"
+CANDIDATE_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard-candidate"
+CANDIDATE_HEAD_PATH = ROOT / "guard" / "heads" / "candidate" / "minilm-l6-v2.npz"
+CANDIDATE_ADAPTER_PATH = ROOT / "guard" / "heads" / "candidate" / "minilm-l6-v2-lora.npz"
+GUARD_PROFILES = {"shipped": (GUARD_ENCODER_DIR, HEAD_PATH, ADAPTER_PATH),
+                  "candidate": (CANDIDATE_ENCODER_DIR, CANDIDATE_HEAD_PATH, CANDIDATE_ADAPTER_PATH)}
+
+
+def open_encoder(folder: Path) -> MiniLMEncoder:
+    """An encoder folder built by `make encoder`; a missing one fails the test with the command to run."""
+    if not (folder / "model.onnx").exists():
+        pytest.fail(f"{folder} is missing: run `make encoder`")
+    return MiniLMEncoder(folder, threads=1)
 
 
 class PlainLM:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,20 +16,21 @@ from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
 from guard.views import with_decoded_views
 from guard.worker import PriorityWorker
+from tests.model.conftest import (
+    ADAPTER_PATH,
+    CANDIDATE_ENCODER_DIR,
+    CANDIDATE_HEAD_PATH,
+    GUARD_ENCODER_DIR,
+    GUARD_PROFILES,
+    HEAD_PATH,
+    ROOT,
+    open_encoder,
+)
 from tools import encoder_reference, export_encoder
 from tools.gguf_model import sha256_of
 
-ROOT = Path(__file__).resolve().parents[2]
 ENCODER_DIR = ROOT / "models" / "minilm-l6-v2"
-GUARD_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard"
-HEAD_PATH = ROOT / "guard" / "heads" / "minilm-l6-v2.npz"
-ADAPTER_PATH = ROOT / "guard" / "heads" / "minilm-l6-v2-lora.npz"
-CANDIDATE_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard-candidate"
-CANDIDATE_HEAD_PATH = ROOT / "guard" / "heads" / "candidate" / "minilm-l6-v2.npz"
-CANDIDATE_ADAPTER_PATH = ROOT / "guard" / "heads" / "candidate" / "minilm-l6-v2-lora.npz"
-# profile -> (int8 encoder folder, head, adapter merged into that encoder)
-PROFILES = {"shipped": (GUARD_ENCODER_DIR, HEAD_PATH, ADAPTER_PATH),
-            "candidate": (CANDIDATE_ENCODER_DIR, CANDIDATE_HEAD_PATH, CANDIDATE_ADAPTER_PATH)}
+PROFILES = GUARD_PROFILES  # profile -> (int8 encoder folder, head, adapter merged into that encoder)
 
 # Outside reference: qdrant/fastembed tests/test_text_onnx_embeddings.py, CANONICAL_VECTOR_VALUES for
 # "sentence-transformers/all-MiniLM-L6-v2": the first 5 dims of the embedding of "hello world"
@@ -40,26 +40,19 @@ FASTEMBED_HELLO_WORLD = [-0.034478, 0.03102, 0.00673, 0.02611, -0.039362]
 
 @pytest.fixture(scope="module")
 def encoder() -> MiniLMEncoder:
-    if not (ENCODER_DIR / "model.onnx").exists():
-        pytest.fail(f"{ENCODER_DIR} is missing: run `make encoder`")
-    return MiniLMEncoder(ENCODER_DIR, threads=1)
+    return open_encoder(ENCODER_DIR)
 
 
 @pytest.fixture(scope="module")
 def guard_encoder() -> MiniLMEncoder:
-    if not (GUARD_ENCODER_DIR / "model.onnx").exists():
-        pytest.fail(f"{GUARD_ENCODER_DIR} is missing: run `make encoder`")
-    return MiniLMEncoder(GUARD_ENCODER_DIR, threads=1)
+    return open_encoder(GUARD_ENCODER_DIR)
 
 
 @pytest.fixture(scope="module", params=sorted(PROFILES))
 def moderator(request: pytest.FixtureRequest, guard_encoder: MiniLMEncoder) -> ClassifierModerator:
     encoder_dir, head, _ = PROFILES[request.param]
-    if encoder_dir == GUARD_ENCODER_DIR:
-        return ClassifierModerator(guard_encoder, load_head(head))
-    if not (encoder_dir / "model.onnx").exists():
-        pytest.fail(f"{encoder_dir} is missing: run `make encoder`")
-    return ClassifierModerator(MiniLMEncoder(encoder_dir, threads=1), load_head(head))
+    encoder = guard_encoder if encoder_dir == GUARD_ENCODER_DIR else open_encoder(encoder_dir)
+    return ClassifierModerator(encoder, load_head(head))
 
 
 def test_matches_fastembed_reference_vector(encoder: MiniLMEncoder) -> None:
