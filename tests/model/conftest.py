@@ -30,16 +30,17 @@ MAX_SLOTS = 8
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]
 
-# The embedded guard as shipped (`make encoder` builds both encoder folders): the default and the opt-in candidate,
-# each an int8 encoder with its own adapter merged in, the head trained on that encoder's features, the adapter.
+# The embedded guard as shipped (`make encoder` builds both encoder folders): the default and the previous default
+# (kept for rollback, GUARD_PROFILE=previous), each an int8 encoder with its own adapter merged in, the head trained
+# on that encoder's features, the adapter.
 GUARD_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard"
 HEAD_PATH = ROOT / "guard" / "heads" / "minilm-l6-v2.npz"
 ADAPTER_PATH = ROOT / "guard" / "heads" / "minilm-l6-v2-lora.npz"
-CANDIDATE_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard-candidate"
-CANDIDATE_HEAD_PATH = ROOT / "guard" / "heads" / "candidate" / "minilm-l6-v2.npz"
-CANDIDATE_ADAPTER_PATH = ROOT / "guard" / "heads" / "candidate" / "minilm-l6-v2-lora.npz"
-GUARD_PROFILES = {"shipped": (GUARD_ENCODER_DIR, HEAD_PATH, ADAPTER_PATH),
-                  "candidate": (CANDIDATE_ENCODER_DIR, CANDIDATE_HEAD_PATH, CANDIDATE_ADAPTER_PATH)}
+PREVIOUS_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard-previous"
+PREVIOUS_HEAD_PATH = ROOT / "guard" / "heads" / "previous" / "minilm-l6-v2.npz"
+PREVIOUS_ADAPTER_PATH = ROOT / "guard" / "heads" / "previous" / "minilm-l6-v2-lora.npz"
+GUARD_PROFILES = {"default": (GUARD_ENCODER_DIR, HEAD_PATH, ADAPTER_PATH),
+                  "previous": (PREVIOUS_ENCODER_DIR, PREVIOUS_HEAD_PATH, PREVIOUS_ADAPTER_PATH)}
 
 
 def open_encoder(folder: Path) -> MiniLMEncoder:

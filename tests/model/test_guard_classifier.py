@@ -1,7 +1,6 @@
 """The real encoders (models/minilm-l6-v2 plain and models/minilm-l6-v2-guard with the shipped adapter and int8
-weights, both built by `make encoder`) and the shipped head. The behavioural checks run for the opt-in candidate
-guard too (guard/heads/candidate/ on models/minilm-l6-v2-guard-candidate): it must pass everything the default
-passes."""
+weights, both built by `make encoder`) and the shipped head. The behavioural checks run for the previous default
+guard too (guard/heads/previous/ on models/minilm-l6-v2-guard-previous, kept for rollback): both must pass them."""
 
 from __future__ import annotations
 
@@ -18,11 +17,11 @@ from guard.views import with_decoded_views
 from guard.worker import PriorityWorker
 from tests.model.conftest import (
     ADAPTER_PATH,
-    CANDIDATE_ENCODER_DIR,
-    CANDIDATE_HEAD_PATH,
     GUARD_ENCODER_DIR,
     GUARD_PROFILES,
     HEAD_PATH,
+    PREVIOUS_ENCODER_DIR,
+    PREVIOUS_HEAD_PATH,
     ROOT,
     open_encoder,
 )
@@ -298,19 +297,19 @@ def test_encoder_threads_setting_reaches_the_encoder_session() -> None:
     assert session.get_session_options().intra_op_num_threads == 2
 
 
-async def test_candidate_profile_is_served_through_the_config_and_refuses_the_wrong_encoder() -> None:
-    # what `make run GUARD_PROFILE=candidate` passes: --guard-encoder and --guard-head of the candidate
+async def test_previous_profile_is_served_through_the_config_and_refuses_the_wrong_encoder() -> None:
+    # what `make run GUARD_PROFILE=previous` passes: --guard-encoder and --guard-head of the previous default
     from service.config import load_config
     from service.guard_factory import build_classifier
 
-    config = load_config([f"--guard-encoder={CANDIDATE_ENCODER_DIR}", f"--guard-head={CANDIDATE_HEAD_PATH}"], {})
+    config = load_config([f"--guard-encoder={PREVIOUS_ENCODER_DIR}", f"--guard-head={PREVIOUS_HEAD_PATH}"], {})
     moderator, worker = build_classifier(config)
     try:
         verdict = await moderator.moderate([Message("user", HARMFUL[0])], Role.USER, Stage.INPUT)
     finally:
         worker.shutdown()
     assert not verdict.safe
-    # the candidate's head on the shipped encoder (another adapter, another feature space) is refused at load
-    wrong = load_config([f"--guard-encoder={GUARD_ENCODER_DIR}", f"--guard-head={CANDIDATE_HEAD_PATH}"], {})
+    # the previous head on the default encoder (another adapter, another feature space) is refused at load
+    wrong = load_config([f"--guard-encoder={GUARD_ENCODER_DIR}", f"--guard-head={PREVIOUS_HEAD_PATH}"], {})
     with pytest.raises(ValueError, match=r"trained on .* features"):
         build_classifier(wrong)

@@ -1,7 +1,6 @@
-"""Our own guard data: data/guard/*.jsonl (trains the shipped head), data/guard_candidates/*.jsonl (with it, trains
-the opt-in candidate head) and data/guard_eval/*.jsonl (never trained on; written after the shipped guard was
-frozen, to measure it). Rows are well-formed, and no evaluation row
-repeats a training row."""
+"""Our own guard data: data/guard/*.jsonl (trains the shipped head) and data/guard_eval/*.jsonl (never trained on;
+written after the guard shipped then had been frozen, to measure it). Rows are well-formed, and no evaluation
+row repeats a training row."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN = sorted((ROOT / "data" / "guard").glob("*.jsonl")) + sorted((ROOT / "data" / "guard_candidates").glob("*.jsonl"))
+TRAIN = sorted((ROOT / "data" / "guard").glob("*.jsonl"))
 EVAL = sorted((ROOT / "data" / "guard_eval").glob("*.jsonl"))
 PAIRED = [p for p in EVAL if re.search(r"_round\d+$", p.stem)]  # contrast pairs; casual_ordinary.jsonl is all safe
 CODES = {f"S{i}" for i in range(1, 15)}
