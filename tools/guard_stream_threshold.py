@@ -1,0 +1,134 @@
+"""The output stage's per-stream threshold: a stream is judged at every release window, and any flag ends it.
+
+The head's output threshold is chosen for one judgment of a whole text. A stream is judged many times (after
+4, 12, 28 tokens, then every 16, each check reading the answer's tail), so a safe answer is stopped more often
+than it is flagged whole: on the dev split's safe Agent rows, 13% of streams against 8% of whole answers with
+the shipped head. The rule here (registered in data/guard_candidates/README.md before it was computed):
+
+    replay the dev split's safe Agent rows through the default output schedule with a head trained on the
+    train split (on the shipped encoder, whose adapter never saw the dev split), and take the lowest raw
+    output threshold (grid 0.005, not below the output threshold) at which the share of those streams stopped
+    is no more than the share of the same rows flagged when judged whole at the output threshold.
+
+The head carries the difference as `stream_offset` (applied at `Stage.OUTPUT` only: `Moderate` calls with the
+Agent role are single whole judgments and keep the output threshold). The check points come from the served
+model's tokenizer, so a head for another served model is calibrated with that model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from guard.backends.classifier import ClassifierModerator, Head
+from guard.features import FeatureExtractor, FloatArray
+from guard.moderator import Message, Role, Stage
+from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS, DEFAULT_OUTPUT_PREFILTER_BELOW, DEFAULT_OUTPUT_PREFILTER_CHARS
+from guard.stream import check_points, judged_tail, prefilter_tail
+
+LOG = logging.getLogger("guard_stream_threshold")
+FIRST_WINDOW, WINDOW = 4, 16  # the default release schedule (guard.first_release_window_tokens, ...window_tokens)
+STEP, TOP = 0.005, 0.95
+
+
+@dataclass(frozen=True)
+class StreamThreshold:
+    """The chosen raw per-stream output threshold and what it was chosen on."""
+
+    threshold: float
+    output_threshold: float
+    rows: int
+    whole_fpr: float
+    stream_fpr_before: float
+    stream_fpr_after: float
+
+    def as_metadata(self, tokenizer: str) -> dict[str, object]:
+        """The head JSON's record of the choice."""
+        return {"raw_threshold": self.threshold, "raw_output_threshold": self.output_threshold,
+                "dev_safe_agent_rows": self.rows, "whole_fpr_at_output_threshold": self.whole_fpr,
+                "stream_fpr_at_output_threshold": self.stream_fpr_before,
+                "stream_fpr_at_stream_threshold": self.stream_fpr_after, "tokenizer": tokenizer,
+                "schedule": f"first {FIRST_WINDOW}, doubling to {WINDOW}; last {DEFAULT_OUTPUT_CONTEXT_CHARS} chars, "
+                            f"prefilter {DEFAULT_OUTPUT_PREFILTER_CHARS}"}
+
+
+def choose_stream_threshold(whole: FloatArray, worst: FloatArray, output_threshold: float) -> StreamThreshold:
+    """The rule above, on safe rows' whole-text scores and their streams' worst check scores.
+
+    Args:
+        whole: (n,) raw scores of the safe rows judged whole.
+        worst: (n,) the highest raw score over each row's streamed checks.
+        output_threshold: the head's raw output threshold.
+
+    Returns:
+        The lowest grid threshold >= `output_threshold` whose stream FPR is <= the whole-text FPR at
+        `output_threshold` (`TOP` when none is).
+    """
+    if len(whole) == 0 or len(whole) != len(worst):
+        raise ValueError("need the same, non-zero number of whole and stream scores")
+    target = float((whole >= output_threshold).mean())
+    chosen = TOP
+    steps = round((TOP - output_threshold) / STEP)
+    for t in (round(output_threshold + k * STEP, 6) for k in range(max(0, steps) + 1)):  # no drift from summing
+        if float((worst >= t).mean()) <= target:
+            chosen = t
+            break
+    return StreamThreshold(chosen, output_threshold, len(whole), target,
+                           float((worst >= output_threshold).mean()), float((worst >= chosen).mean()))
+
+
+async def _stream_scores(moderator: ClassifierModerator, text: str, tokenizer: Tokenizer) -> tuple[float, float]:
+    """(whole-text score, worst check score) of one answer as the default schedule streams it."""
+    cache: dict[str, float] = {}
+
+    async def score(t: str) -> float:
+        if t not in cache:
+            # as a stream's check is judged (a training head carries no offsets, so whole texts read the same)
+            cache[t] = (await moderator.moderate([Message("assistant", t)], Role.AGENT, Stage.OUTPUT)).score
+        return cache[t]
+
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    cleared, worst = 0, 0.0
+    for k in check_points(len(ids), WINDOW, FIRST_WINDOW):
+        prefix = tokenizer.decode(ids[:k])
+        tail = judged_tail(prefix, cleared, DEFAULT_OUTPUT_CONTEXT_CHARS)
+        short = prefilter_tail(prefix, cleared, tail, DEFAULT_OUTPUT_PREFILTER_CHARS)
+        settled = short is not None and await score(short) < DEFAULT_OUTPUT_PREFILTER_BELOW
+        worst = max(worst, await score(short if short is not None and settled else tail))
+        cleared = len(prefix)
+    return await score(text), worst
+
+
+def stream_threshold(head: Head, extractor: FeatureExtractor, texts: Sequence[str], tokenizer_path: Path,
+                     output_threshold: float) -> StreamThreshold:
+    """Replay safe answers through the default schedule with an uncalibrated head; choose the threshold.
+
+    Args:
+        head: a head trained without `texts` (raw scores: no calibration, no offsets).
+        extractor: the encoder it was trained on.
+        texts: safe Agent rows (the dev split's).
+        tokenizer_path: the served model's tokenizer.json (it sets where the checks fall).
+        output_threshold: the head's raw output threshold.
+
+    Returns:
+        The choice.
+    """
+    moderator = ClassifierModerator(extractor, head)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+
+    async def run() -> list[tuple[float, float]]:
+        return [await _stream_scores(moderator, t, tokenizer) for t in texts]
+
+    pairs = asyncio.run(run())
+    choice = choose_stream_threshold(np.array([w for w, _ in pairs]), np.array([s for _, s in pairs]),
+                                     output_threshold)
+    LOG.info("per-stream output threshold %.3f (output threshold %.3f): %d safe Agent rows, whole FPR %.3f, "
+             "streams stopped %.3f -> %.3f", choice.threshold, output_threshold, choice.rows, choice.whole_fpr,
+             choice.stream_fpr_before, choice.stream_fpr_after)
+    return choice
