@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,7 +11,12 @@ from guard.backends.llama_guard import LlamaGuardModerator
 from guard.cascade import CascadeModerator
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Moderator
-from guard.policy import Policy
+from guard.policy import (
+    DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
+    DEFAULT_OUTPUT_CONTEXT_CHARS,
+    DEFAULT_RELEASE_WINDOW_TOKENS,
+    Policy,
+)
 from guard.worker import PriorityWorker
 from service.config import Config, GuardBackend
 from service.engine.engine import Engine, EngineConfig
@@ -20,6 +26,25 @@ from service.guard_lm import EngineGuardLM
 GUARD_SLOTS = 4
 # One pinned prefix per (policy, role) in use: User and Agent for the deployment policy.
 GUARD_PREFIX_SLOTS = 2
+
+log = logging.getLogger(__name__)
+# the output schedule a head's per-stream threshold is chosen for (tools/guard_stream_threshold.py)
+STREAM_SCHEDULE = (DEFAULT_FIRST_RELEASE_WINDOW_TOKENS, DEFAULT_RELEASE_WINDOW_TOKENS, DEFAULT_OUTPUT_CONTEXT_CHARS)
+
+
+def stream_schedule_warning(stream_offset: float, first: int, window: int, context_chars: int) -> str | None:
+    """A warning when a head with a per-stream output threshold serves another output schedule, else None.
+
+    The threshold is chosen so that a stream under the default schedule stops no more safe answers than one
+    whole judgment flags; more checks a stream (a smaller window) stop more, fewer checks fewer.
+    """
+    if not stream_offset or (first, window, context_chars) == STREAM_SCHEDULE:
+        return None
+    want_first, want_window, want_chars = STREAM_SCHEDULE
+    return (f"the guard head's per-stream output threshold was chosen for checks after {want_first} tokens doubling "
+            f"to {want_window}, reading {want_chars} characters; this server checks after {first} doubling to "
+            f"{window}, reading {context_chars}, so its streams are checked more or less often than the threshold "
+            f"assumes (docs/GUARD.md, \"Per-stream output threshold\"; guard.output_threshold adjusts it)")
 
 
 @dataclass
@@ -68,8 +93,13 @@ def build_classifier(config: Config) -> tuple[Moderator, PriorityWorker]:
     """
     g = config.guard
     encoder = MiniLMEncoder(g.encoder, threads=g.encoder_threads)
+    head = load_head(g.head)
+    warning = stream_schedule_warning(head.stream_offset, g.first_release_window_tokens, g.release_window_tokens,
+                                      g.output_context_chars)
+    if warning:
+        log.warning(warning)
     worker = PriorityWorker("guard-encoder")
-    moderator = ClassifierModerator(encoder, load_head(g.head), worker, input_threshold=g.input_threshold,
+    moderator = ClassifierModerator(encoder, head, worker, input_threshold=g.input_threshold,
                                     output_threshold=g.output_threshold)
     return moderator, worker
 

@@ -29,11 +29,17 @@ from tokenizers import Tokenizer
 from guard.backends.classifier import ClassifierModerator, Head
 from guard.features import FeatureExtractor, FloatArray
 from guard.moderator import Message, Role, Stage
-from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS, DEFAULT_OUTPUT_PREFILTER_BELOW, DEFAULT_OUTPUT_PREFILTER_CHARS
+from guard.policy import (
+    DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
+    DEFAULT_OUTPUT_CONTEXT_CHARS,
+    DEFAULT_OUTPUT_PREFILTER_BELOW,
+    DEFAULT_OUTPUT_PREFILTER_CHARS,
+    DEFAULT_RELEASE_WINDOW_TOKENS,
+)
 from guard.stream import check_points, judged_tail, prefilter_tail
 
 LOG = logging.getLogger("guard_stream_threshold")
-FIRST_WINDOW, WINDOW = 4, 16  # the default release schedule (guard.first_release_window_tokens, ...window_tokens)
+FIRST_WINDOW, WINDOW = DEFAULT_FIRST_RELEASE_WINDOW_TOKENS, DEFAULT_RELEASE_WINDOW_TOKENS  # the default schedule
 STEP, TOP = 0.005, 0.95
 
 

@@ -64,3 +64,13 @@ def test_the_stream_offset_is_saved_and_an_older_head_loads_without_one(tmp_path
     old = load_head(tmp_path / "old.npz")
     scores = old.scores(f32([[3, 2]]))
     assert old.stream_offset == 0.0 and old.for_role(scores, Role.AGENT, Stage.OUTPUT) is scores
+
+
+def test_serving_another_output_schedule_with_a_per_stream_threshold_is_warned() -> None:
+    from service.guard_factory import stream_schedule_warning
+
+    assert stream_schedule_warning(1.165, 4, 16, 512) is None  # the schedule the threshold was chosen for
+    assert stream_schedule_warning(0.0, 4, 32, 512) is None  # a head without one reads the same anywhere
+    warning = stream_schedule_warning(1.165, 4, 32, 512)
+    assert warning is not None and "doubling to 16" in warning and "doubling to 32" in warning
+    assert stream_schedule_warning(1.165, 4, 16, 1024) is not None
