@@ -89,8 +89,9 @@ def choose_stream_threshold(whole: FloatArray, worst: FloatArray, output_thresho
                            float((worst >= output_threshold).mean()), float((worst >= chosen).mean()))
 
 
-async def _stream_scores(moderator: ClassifierModerator, text: str, tokenizer: Tokenizer) -> tuple[float, float]:
-    """(whole-text score, worst check score) of one answer as the default schedule streams it."""
+async def stream_scores(moderator: ClassifierModerator, text: str, tokenizer: Tokenizer) -> tuple[float, float]:
+    """(whole-text score, worst check score) of one answer as the default schedule streams it, both read as
+    the output stage reads them (with a shipped head's stream offset)."""
     cache: dict[str, float] = {}
 
     async def score(t: str) -> float:
@@ -129,7 +130,7 @@ def stream_threshold(head: Head, extractor: FeatureExtractor, texts: Sequence[st
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
 
     async def run() -> list[tuple[float, float]]:
-        return [await _stream_scores(moderator, t, tokenizer) for t in texts]
+        return [await stream_scores(moderator, t, tokenizer) for t in texts]
 
     pairs = asyncio.run(run())
     choice = choose_stream_threshold(np.array([w for w, _ in pairs]), np.array([s for _, s in pairs]),
