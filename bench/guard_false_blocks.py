@@ -33,11 +33,12 @@ from guard.backends.classifier import ClassifierModerator, load_head
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
 from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS, DEFAULT_OUTPUT_PREFILTER_BELOW, DEFAULT_OUTPUT_PREFILTER_CHARS
-from guard.stream import check_points, first_window_size, judged_tail, prefilter_tail
+from guard.stream import check_points, first_window_size
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from service.app import start
 from service.config import load_config
 from tools.guard_data import read_jsonl
+from tools.guard_stream_threshold import replay_checks
 
 SCHEDULES = {"first 4, doubling to 16": (4, 16), "flat 16": (16, 16)}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -149,19 +150,12 @@ async def _replay(args: argparse.Namespace, prompts: list[str], all_ids: list[li
                     for k in check_points(len(ids), window, first)}
         for chars, prefilter in ((c, p) for c in args.context_chars for p in args.prefilter_chars):
             for name, (first, window) in args.schedules.items():
-                points = check_points(len(ids), window, first)
-                cleared, stream_scores, chars_read = 0, [], 0
-                for k in points:
-                    text = prefixes[k]
-                    tail = judged_tail(text, cleared, chars)  # what StreamGuard would pass its judge
-                    short = prefilter_tail(text, cleared, tail, prefilter)
-                    settled = short is not None and await score(prompt, short) < args.prefilter_below
-                    stream_scores.append(await score(prompt, short if short is not None and settled else tail))
-                    chars_read += (len(short) if short is not None else 0) + (0 if settled else len(tail))
-                    cleared = len(text)
+                stream_worst, chars_read = await replay_checks(
+                    lambda t, p=prompt: score(p, t), prefixes.__getitem__, check_points(len(ids), window, first),
+                    chars, prefilter, args.prefilter_below)
                 label = f", prefilter {prefilter}" if prefilter else ""
                 config = f"{prefix}{name}, last {chars} chars{label}"
-                worst.setdefault(config, []).append(max(stream_scores))
+                worst.setdefault(config, []).append(stream_worst)
                 read.setdefault(config, []).append(chars_read / max(1, len(ids)))
 
 

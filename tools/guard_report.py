@@ -59,17 +59,26 @@ def _figures_rows(name: str, examples: Sequence[Example], scores: FloatArray, th
     return rows
 
 
-def dev_split_scores(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str
-                     ) -> tuple[list[int], FloatArray]:
+def train_split_head(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig,
+                     feature_name: str) -> Head:
+    """A head trained on the train split's permissive rows only (raw: no calibration, no offsets)."""
+    tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
+    return train([examples[i] for i in tr], [vecs[i] for i in tr], cfg, feature_name)
+
+
+def dev_split_scores(examples: Sequence[Example], vecs: Sequence[FloatArray], cfg: TrainConfig, feature_name: str,
+                     head: Head | None = None) -> tuple[list[int], FloatArray]:
     """The dev split's rows (measure-only sets included) scored by a head trained on the train split's
     permissive rows: what the dev report shows and what dev calibration chooses thresholds on.
+
+    Args:
+        head: `train_split_head`'s head when the caller already has it (else it is trained here).
 
     Returns:
         (indices into `examples`, their (n, 15) scores).
     """
-    tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
     dv = [i for i, ex in enumerate(examples) if ex.split == "dev"]
-    head = train([examples[i] for i in tr], [vecs[i] for i in tr], cfg, feature_name)
+    head = head if head is not None else train_split_head(examples, vecs, cfg, feature_name)
     return dv, score(head, [vecs[i] for i in dv])
 
 

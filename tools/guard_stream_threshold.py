@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,35 @@ def choose_stream_threshold(whole: FloatArray, worst: FloatArray, output_thresho
                            float((worst >= output_threshold).mean()), float((worst >= chosen).mean()))
 
 
+async def replay_checks(score: Callable[[str], Awaitable[float]], prefix_of: Callable[[int], str],
+                        points: Sequence[int], context_chars: int, prefilter_chars: int,
+                        prefilter_below: float) -> tuple[float, int]:
+    """One stream's output checks as `StreamGuard` makes them: at each check point (tokens so far) the judged tail
+    of the answer, settled by its short prefilter tail when that scores below `prefilter_below`.
+
+    Args:
+        score: a text's output-stage score.
+        prefix_of: the answer's text after k tokens.
+        points: the check points (`guard.stream.check_points`).
+        context_chars: guard.output_context_chars.
+        prefilter_chars: guard.output_prefilter_chars (0: no prefilter).
+        prefilter_below: guard.output_prefilter_below.
+
+    Returns:
+        (the worst check's score, 0 without checks; the characters the checks read).
+    """
+    cleared, worst, read = 0, 0.0, 0
+    for k in points:
+        text = prefix_of(k)
+        tail = judged_tail(text, cleared, context_chars)
+        short = prefilter_tail(text, cleared, tail, prefilter_chars)
+        settled = short is not None and await score(short) < prefilter_below
+        worst = max(worst, await score(short if short is not None and settled else tail))
+        read += (len(short) if short is not None else 0) + (0 if settled else len(tail))
+        cleared = len(text)
+    return worst, read
+
+
 async def stream_scores(moderator: ClassifierModerator, text: str, tokenizer: Tokenizer) -> tuple[float, float]:
     """(whole-text score, worst check score) of one answer as the default schedule streams it, both read as
     the output stage reads them (with a shipped head's stream offset)."""
@@ -101,14 +130,9 @@ async def stream_scores(moderator: ClassifierModerator, text: str, tokenizer: To
         return cache[t]
 
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    cleared, worst = 0, 0.0
-    for k in check_points(len(ids), WINDOW, FIRST_WINDOW):
-        prefix = tokenizer.decode(ids[:k])
-        tail = judged_tail(prefix, cleared, DEFAULT_OUTPUT_CONTEXT_CHARS)
-        short = prefilter_tail(prefix, cleared, tail, DEFAULT_OUTPUT_PREFILTER_CHARS)
-        settled = short is not None and await score(short) < DEFAULT_OUTPUT_PREFILTER_BELOW
-        worst = max(worst, await score(short if short is not None and settled else tail))
-        cleared = len(prefix)
+    points = check_points(len(ids), WINDOW, FIRST_WINDOW)
+    worst, _ = await replay_checks(score, lambda k: tokenizer.decode(ids[:k]), points, DEFAULT_OUTPUT_CONTEXT_CHARS,
+                                   DEFAULT_OUTPUT_PREFILTER_CHARS, DEFAULT_OUTPUT_PREFILTER_BELOW)
     return await score(text), worst
 
 

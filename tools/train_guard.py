@@ -313,8 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     ship_vecs = [vecs[i] for i in keep]
     threshold: tuple[float, float] | None = None  # (input, output)
     dev = None
-    if calibrate == "dev":
-        dev = guard_report.dev_split_scores(examples, vecs, cfg, extractor.name)
+    # the head the dev split is scored with is also the one the per-stream threshold replays answers with
+    split_head = (guard_report.train_split_head(examples, vecs, cfg, extractor.name)
+                  if calibrate == "dev" or args.stream_tokenizer is not None else None)
+    if split_head is not None:
+        dev = guard_report.dev_split_scores(examples, vecs, cfg, extractor.name, head=split_head)
+    if calibrate == "dev" and dev is not None:
         cal, cal_scores = guard_report.dev_calibration_set(examples, dev)
         if args.fold_encoders:  # plus out-of-fold scores for the train split: ~5x the calibration rows
             rows, scores = guard_calibration.kfold_scores(examples, args.fold_encoders, cfg)
@@ -336,14 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     cat_thresholds = choose_category_thresholds(cal, cal_scores[:, 1:])
     head = calibrated(train(ship, ship_vecs, cfg, extractor.name), t_in, cat_thresholds, output_threshold=t_out)
     stream = None
-    if args.stream_tokenizer is not None:
+    if args.stream_tokenizer is not None and split_head is not None:
         from tools import guard_stream_threshold
 
-        tr = [i for i, ex in enumerate(examples) if ex.split == "train" and ex.shippable]
         safe_answers = [ex.text for ex in examples
                         if ex.split == "dev" and ex.shippable and ex.role == "Agent" and not ex.unsafe]
-        train_head = train([examples[i] for i in tr], [vecs[i] for i in tr], cfg, extractor.name)
-        stream = guard_stream_threshold.stream_threshold(train_head, extractor, safe_answers, args.stream_tokenizer,
+        stream = guard_stream_threshold.stream_threshold(split_head, extractor, safe_answers, args.stream_tokenizer,
                                                          t_out)
         head = replace(head, stream_offset=logit(stream.threshold) - logit(t_out))
     save_head(head, args.out.with_suffix(".npz"))
