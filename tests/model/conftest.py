@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from guard.backends.classifier import ClassifierModerator, load_head
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message
 from service.engine.engine import Engine, EngineConfig
@@ -48,6 +49,12 @@ def open_encoder(folder: Path) -> MiniLMEncoder:
     if not (folder / "model.onnx").exists():
         pytest.fail(f"{folder} is missing: run `make encoder`")
     return MiniLMEncoder(folder, threads=1)
+
+
+def profile_moderator(profile: str) -> ClassifierModerator:
+    """The classifier of a `GUARD_PROFILES` entry: its head on its own encoder."""
+    encoder_dir, head, _ = GUARD_PROFILES[profile]
+    return ClassifierModerator(open_encoder(encoder_dir), load_head(head))
 
 
 class PlainLM:

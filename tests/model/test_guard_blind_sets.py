@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from guard.backends.classifier import ClassifierModerator, load_head
 from guard.moderator import Message, Role, Stage
-from tests.model.conftest import GUARD_PROFILES, ROOT, open_encoder
+from tests.model.conftest import ROOT, profile_moderator
 from tools.guard_data import read_jsonl
 from tools.guard_stream_threshold import stream_scores
 
@@ -30,14 +29,14 @@ BOUNDS = {
 
 @pytest.mark.parametrize("profile", sorted(BOUNDS))
 async def test_blind_prompts_and_posts_stay_near_their_measured_figures(profile: str) -> None:
-    encoder_dir, head, _ = GUARD_PROFILES[profile]
-    moderator = ClassifierModerator(open_encoder(encoder_dir), load_head(head))
+    moderator = profile_moderator(profile)
+    safe, posts = read_jsonl(BLIND / "blind13_prompts_safe.jsonl"), read_jsonl(BLIND / "blind13_posts.jsonl")
     groups: dict[str, list[dict[str, object]]] = {
         "harmful": read_jsonl(BLIND / "blind13_prompts_harmful.jsonl"),
-        "ordinary": [r for r in read_jsonl(BLIND / "blind13_prompts_safe.jsonl") if r["kind"] == "ordinary"],
-        "borderline": [r for r in read_jsonl(BLIND / "blind13_prompts_safe.jsonl") if r["kind"] == "borderline"],
-        "posts_unsafe": [r for r in read_jsonl(BLIND / "blind13_posts.jsonl") if r["label"] == "unsafe"],
-        "posts_safe": [r for r in read_jsonl(BLIND / "blind13_posts.jsonl") if r["label"] == "safe"],
+        "ordinary": [r for r in safe if r["kind"] == "ordinary"],
+        "borderline": [r for r in safe if r["kind"] == "borderline"],
+        "posts_unsafe": [r for r in posts if r["label"] == "unsafe"],
+        "posts_safe": [r for r in posts if r["label"] == "safe"],
     }
     rates = {}
     for name, rows in groups.items():
@@ -62,8 +61,7 @@ STREAM_BOUNDS = {"default": (0.95, 0.25), "previous": (0.91, 0.40)}
 
 @pytest.mark.parametrize("profile", sorted(STREAM_BOUNDS))
 async def test_blind_answer_streams_stay_near_their_measured_figures(profile: str, model_dir: Path) -> None:
-    encoder_dir, head, _ = GUARD_PROFILES[profile]
-    moderator = ClassifierModerator(open_encoder(encoder_dir), load_head(head))
+    moderator = profile_moderator(profile)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     rows = read_jsonl(BLIND / "blind14_answers.jsonl")
     stopped: dict[str, list[bool]] = {"safe": [], "unsafe": []}

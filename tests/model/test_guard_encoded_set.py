@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from guard.backends.classifier import ClassifierModerator, load_head
 from guard.moderator import Message, Role, Stage
-from tests.model.conftest import GUARD_PROFILES, ROOT, open_encoder
+from tests.model.conftest import ROOT, profile_moderator
 from tools.guard_data import read_jsonl
 from tools.guard_encoded import encoded_rows
 
@@ -33,9 +32,8 @@ def every_row() -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("profile", sorted(BOUNDS))
 async def test_encoded_requests_are_read_not_feared(profile: str, every_row: list[dict[str, object]]) -> None:
-    encoder_dir, head, _ = GUARD_PROFILES[profile]
     min_recall, max_fpr = BOUNDS[profile]
-    moderator = ClassifierModerator(open_encoder(encoder_dir), load_head(head))
+    moderator = profile_moderator(profile)
     rows = every_row[::EVERY]
     assert {r["source"] for r in rows} == {r["source"] for r in every_row}
     flagged = {"safe": 0, "unsafe": 0}
