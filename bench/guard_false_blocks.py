@@ -11,7 +11,10 @@ recall on unsafe ones (`data/guard_eval/answers_blind.jsonl`, docs/GUARD.md "Bli
 Schedules: the default (first window 4, doubling to 16) and a flat 16-token window; `--context-chars`
 compares how much of the answer each check reads (`guard.output_context_chars`), `--prefilter-chars` the
 prefilter's short tail (`guard.output_prefilter_chars`, 0 = off): a check whose short tail scores below
-`guard.output_prefilter_below` is settled by it, as `StreamGuard` does.
+`guard.output_prefilter_below` is settled by it, as `StreamGuard` does. `--confirm-score` compares held flags
+(`guard.output_confirm_score`, 0 = every flag stops): those streams are replayed through `StreamGuard` itself at
+each threshold, since a held flag changes what later checks read (and their characters read end where a stream
+stops, while the other configurations count every check of every stream).
 
     python -m bench.guard_false_blocks --prompts 120
 """
@@ -23,6 +26,7 @@ import asyncio
 import json
 import random
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import grpc.aio
@@ -32,16 +36,24 @@ from tokenizers import Tokenizer
 from guard.backends.classifier import ClassifierModerator, load_head
 from guard.encoder import MiniLMEncoder
 from guard.moderator import Message, Role, Stage
-from guard.policy import DEFAULT_OUTPUT_CONTEXT_CHARS, DEFAULT_OUTPUT_PREFILTER_BELOW, DEFAULT_OUTPUT_PREFILTER_CHARS
+from guard.policy import (
+    DEFAULT_OUTPUT_CONFIRM_SCORE,
+    DEFAULT_OUTPUT_CONTEXT_CHARS,
+    DEFAULT_OUTPUT_PREFILTER_BELOW,
+    DEFAULT_OUTPUT_PREFILTER_CHARS,
+)
 from guard.stream import check_points, first_window_size
 from service._pb.sluice.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from service.app import start
 from service.config import load_config
 from tools.guard_data import read_jsonl
-from tools.guard_stream_threshold import replay_checks
+from tools.guard_stream_threshold import replay_checks, replay_guard, token_pieces
 
 SCHEDULES = {"first 4, doubling to 16": (4, 16), "flat 16": (16, 16)}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+# A stream's outcome: its worst check score (every flag stops: it decides every threshold), or, with held flags,
+# whether it was stopped at each threshold.
+Outcome = float | dict[float, bool]
 
 
 def parse_schedules(value: str) -> dict[str, tuple[int, int]]:
@@ -89,10 +101,16 @@ def given_answers(path: Path, tokenizer: Tokenizer) -> tuple[list[str], list[lis
     return prompts, all_ids, groups
 
 
-def stopped_fractions(worst: dict[str, list[float]], groups: list[list[str]]) -> dict[str, dict[str, dict[str, float]]]:
+def _stopped(outcome: Outcome, threshold: float) -> bool:
+    return outcome[threshold] if isinstance(outcome, dict) else outcome >= threshold
+
+
+def stopped_fractions(worst: dict[str, list[Outcome]],
+                      groups: list[list[str]]) -> dict[str, dict[str, dict[str, float]]]:
     """Per configuration, per group (labels first, then kinds), per threshold: the share of streams stopped."""
     names = sorted({g for row in groups for g in row}, key=lambda g: (" / " in g, g))
-    return {config: {group: {str(t): float(np.mean([w >= t for w, row in zip(v, groups, strict=True) if group in row]))
+    return {config: {group: {str(t): float(np.mean([_stopped(w, t) for w, row in zip(v, groups, strict=True)
+                                                     if group in row]))
                              for t in THRESHOLDS} for group in names}
             for config, v in worst.items()}
 
@@ -111,7 +129,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         all_ids = await answers(args.model, prompts, args.max_new_tokens)
         groups = [["safe"] for _ in prompts]
     encoder = MiniLMEncoder(args.encoder)
-    worst: dict[str, list[float]] = {}
+    worst: dict[str, list[Outcome]] = {}
     read: dict[str, list[float]] = {}  # per configuration: characters judged per answer token, per stream
     for head in args.head:  # every head replays the same answers
         moderator = ClassifierModerator(encoder, load_head(head))
@@ -130,10 +148,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def _replay(args: argparse.Namespace, prompts: list[str], all_ids: list[list[int]], tokenizer: Tokenizer,
-                  moderator: ClassifierModerator, prefix: str, worst: dict[str, list[float]],
+                  moderator: ClassifierModerator, prefix: str, worst: dict[str, list[Outcome]],
                   read: dict[str, list[float]]) -> None:
-    """Each answer's checks under every schedule / context / prefilter: its worst score into `worst`, the
-    characters its checks read per token into `read`."""
+    """Each answer's checks under every schedule / context / prefilter / confirmation: its outcome into `worst`,
+    the characters its checks read per token (at the first threshold) into `read`."""
     scores: dict[str, float] = {}  # tail -> score (schedules and contexts share checks of the same text)
 
     async def score(prompt: str, tail: str) -> float:
@@ -148,14 +166,23 @@ async def _replay(args: argparse.Namespace, prompts: list[str], all_ids: list[li
         # every schedule and context replays prefixes of the same answer: decode each prefix once
         prefixes = {k: tokenizer.decode(ids[:k]) for first, window in args.schedules.values()
                     for k in check_points(len(ids), window, first)}
-        for chars, prefilter in ((c, p) for c in args.context_chars for p in args.prefilter_chars):
+        pieces = token_pieces(tokenizer, ids) if any(args.confirm_score) else []
+        judge = partial(score, prompt)
+        for chars, prefilter, confirm in ((c, p, k) for c in args.context_chars for p in args.prefilter_chars
+                                          for k in args.confirm_score):
             for name, (first, window) in args.schedules.items():
-                stream_worst, chars_read = await replay_checks(
-                    lambda t, p=prompt: score(p, t), prefixes.__getitem__, check_points(len(ids), window, first),
-                    chars, prefilter, args.prefilter_below)
-                label = f", prefilter {prefilter}" if prefilter else ""
+                outcome: Outcome
+                if confirm:  # held flags: the guard's own decisions, threshold by threshold
+                    runs = [await replay_guard(judge, pieces, window, first, chars, prefilter, args.prefilter_below,
+                                               t, confirm) for t in THRESHOLDS]
+                    outcome, chars_read = {t: stop for t, (stop, _) in zip(THRESHOLDS, runs, strict=True)}, runs[0][1]
+                else:
+                    outcome, chars_read = await replay_checks(judge, prefixes.__getitem__,
+                                                              check_points(len(ids), window, first), chars, prefilter,
+                                                              args.prefilter_below)
+                label = (f", prefilter {prefilter}" if prefilter else "") + (f", confirm {confirm}" if confirm else "")
                 config = f"{prefix}{name}, last {chars} chars{label}"
-                worst.setdefault(config, []).append(stream_worst)
+                worst.setdefault(config, []).append(outcome)
                 read.setdefault(config, []).append(chars_read / max(1, len(ids)))
 
 
@@ -185,6 +212,9 @@ def main() -> int:
                          "guard.release_window_tokens), e.g. 4:16,16:16,4:32")
     ap.add_argument("--prefilter-below", type=float, default=DEFAULT_OUTPUT_PREFILTER_BELOW,
                     help="guard.output_prefilter_below")
+    ap.add_argument("--confirm-score", type=lambda v: [float(x) for x in v.split(",")],
+                    default=[DEFAULT_OUTPUT_CONFIRM_SCORE],
+                    help="guard.output_confirm_score values to compare (0 = every flag stops), e.g. 0,0.1")
     print(json.dumps(asyncio.run(main_async(ap.parse_args())), indent=2))
     return 0
 

@@ -40,6 +40,11 @@ DEFAULT_OUTPUT_CONTEXT_CHARS = 512
 # unsafe responses stopped (0.966), fewer safe ones (0.140 vs 0.163).
 DEFAULT_OUTPUT_PREFILTER_CHARS = 192
 DEFAULT_OUTPUT_PREFILTER_BELOW = 0.002
+# Held flags (guard/stream.py): a flagged output check holds its window, and the stream stops only if the next
+# check scores >= this (policy scale, 0.5 = the threshold). Off (0) by default: the issue asks that an unsafe
+# verdict stop generation at once. At 0.1, on answers written after that value was registered
+# (data/guard_candidates/README.md), safe streams stopped 0.198 -> 0.143 and unsafe ones 0.935 -> 0.919.
+DEFAULT_OUTPUT_CONFIRM_SCORE = 0.0
 # A guard check that takes longer than this is treated as a backend error (then fail-open/closed).
 DEFAULT_TIMEOUT_SECONDS = 2.0
 # `timeout_seconds` covers a conversation of up to this many characters; a longer one gets proportionally
@@ -104,6 +109,8 @@ class Policy:
         output_prefilter_below: the prefilter's safe verdict settles a check when its score is below this;
             otherwise the `output_context_chars` tail is judged and decides. A request that lowers
             `output_threshold` lowers this bar in the same proportion (`tighten`).
+        output_confirm_score: a flagged output check holds its window, and the stream stops only if the next
+            check is unsafe or scores at least this (scaled like `output_prefilter_below`); 0: every flag stops.
         timeout_seconds: longest a single check of up to `TIMEOUT_CHARS` characters may take before it counts
             as a backend error; a longer conversation gets proportionally more (`FailSafeModerator`).
     """
@@ -119,6 +126,7 @@ class Policy:
     output_context_chars: int = DEFAULT_OUTPUT_CONTEXT_CHARS
     output_prefilter_chars: int = DEFAULT_OUTPUT_PREFILTER_CHARS
     output_prefilter_below: float = DEFAULT_OUTPUT_PREFILTER_BELOW
+    output_confirm_score: float = DEFAULT_OUTPUT_CONFIRM_SCORE
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     _known: frozenset[str] = field(init=False, repr=False, compare=False)
     _active: tuple[Category, ...] = field(init=False, repr=False, compare=False)
@@ -148,6 +156,7 @@ class Policy:
         if self.output_prefilter_chars < 0:
             raise PolicyError(f"output_prefilter_chars must be >= 0, got {self.output_prefilter_chars}")
         _check_threshold("output_prefilter_below", self.output_prefilter_below)
+        _check_threshold("output_confirm_score", self.output_confirm_score)
         if not (self.timeout_seconds > 0 and math.isfinite(self.timeout_seconds)):
             raise PolicyError(f"timeout_seconds must be > 0, got {self.timeout_seconds}")
         excluded = set(self.excluded)
@@ -199,17 +208,17 @@ class Policy:
         enabled = self.enabled + added
         excluded = tuple(c for c in self.excluded if c not in extra)
         output_threshold = _lower("output_threshold", self.output_threshold, options.output_threshold)
-        # A lower output threshold lowers the prefilter's bar in proportion: a short tail settles a check only
-        # when it scores as far below this request's threshold as the deployment's bar is below its own.
-        prefilter_below = (self.output_prefilter_below * output_threshold / self.output_threshold
-                           if output_threshold < self.output_threshold else self.output_prefilter_below)
+        # A lower output threshold lowers the prefilter's and the confirmation's bars in proportion: each sits as
+        # far below this request's threshold as the deployment's bar is below its own.
+        scale = output_threshold / self.output_threshold if output_threshold < self.output_threshold else 1.0
         return replace(
             self,
             enabled=tuple(sorted(enabled, key=code_sort_key)),
             excluded=excluded,
             input_threshold=_lower("input_threshold", self.input_threshold, options.input_threshold),
             output_threshold=output_threshold,
-            output_prefilter_below=prefilter_below,
+            output_prefilter_below=self.output_prefilter_below * scale,
+            output_confirm_score=self.output_confirm_score * scale,
             release_window_tokens=_smaller_window(self.release_window_tokens, options.release_window_tokens),
             fail_open=_stricter_fail_open(self.fail_open, options.fail_open),
         )

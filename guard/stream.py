@@ -21,6 +21,13 @@ reaching back over all uncleared text), and only when that verdict is not clearl
 a score at or above `prefilter_below`) judges the full tail, whose verdict then decides. Released text is
 still always covered by a safe verdict; what the prefilter gives up is the wider context for text whose short
 tail looks clearly safe.
+
+Confirmation (`confirm_score`): a flagged check does not end the stream at once. Its window stays held, and the
+next check (over the held text and the next window) decides: the stream stops if that check is unsafe too or
+scores at least `confirm_score`, else everything held is released under that safe verdict. A lone flag on a
+fragment (a refusal's first clause restating the request) is the commonest false stop, and the longer text
+clears it. A flag at the stream's final check, or with nothing new to judge after it, or from a backend error,
+stops at once; at most two windows are ever withheld.
 """
 
 from __future__ import annotations
@@ -97,6 +104,8 @@ class StreamGuardStats:
         judge_calls: verdicts asked for (a prefiltered check that escalates asks for two).
         checks: checks decided (one deciding verdict each, however many reads it took).
         prefilter_passes: checks settled by the prefilter's short tail alone.
+        flags_confirmed: held flags the next check confirmed (the stream stopped).
+        flags_cleared: held flags the next check cleared (the held text was released).
         prefilter_escalations: checks whose short tail was not clearly safe, so the full tail decided.
         judged_tokens: pieces covered, summed over calls (a judge re-reads the whole text each time).
         tokens_fed: pieces received.
@@ -112,6 +121,8 @@ class StreamGuardStats:
     checks: int = 0
     prefilter_passes: int = 0
     prefilter_escalations: int = 0
+    flags_confirmed: int = 0
+    flags_cleared: int = 0
     judged_tokens: int = 0
     tokens_fed: int = 0
     tokens_released: int = 0
@@ -139,6 +150,8 @@ class StreamGuard(Generic[T]):
         on_decision: called once per check with its deciding verdict and how it was read (`CheckRead`);
             an escalated check's verdict carries the latency of both reads. Metrics record verdicts here,
             so a check counts once however many reads it took.
+        confirm_score: hold a flagged check's window for the next check, and stop only if that one is unsafe
+            or scores at least this (see the module doc); None: every flag stops the stream.
     """
 
     def __init__(
@@ -152,6 +165,7 @@ class StreamGuard(Generic[T]):
         prefilter_chars: int | None = None,
         prefilter_below: float = 0.0,
         on_decision: Callable[[Verdict, CheckRead], None] | None = None,
+        confirm_score: float | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -166,12 +180,15 @@ class StreamGuard(Generic[T]):
         self._prefilter_chars = prefilter_chars
         self._prefilter_below = prefilter_below
         self._on_decision = on_decision
+        self._confirm_score = confirm_score
+        self._held: tuple[Verdict, str] | None = None  # a flag awaiting the next check: its verdict and text
         self._window = window
         self._next_window = first_window_size(window, first_window)
         self._text_of = text_of
         self._clock = clock
         self._parts: list[str] = []
         self._pending: list[tuple[T, float]] = []  # (item, time fed)
+        self._unjudged = 0  # pieces fed since the last check (`_pending` also holds a held flag's window)
         self._cleared_text: str | None = None  # text covered by the last safe verdict
         self._verdict: Verdict | None = None
         self._closed = False  # after an unsafe verdict or a judge failure
@@ -215,8 +232,10 @@ class StreamGuard(Generic[T]):
             return []
         self._parts.append(self._text_of(item))
         self._pending.append((item, self._clock()))
-        if len(self._pending) < self._next_window:
+        self._unjudged += 1
+        if self._unjudged < self._next_window:
             return []
+        self._unjudged = 0
         self._next_window = next_window(self._next_window, self._window)
         return await self._check()
 
@@ -234,17 +253,20 @@ class StreamGuard(Generic[T]):
             if self._verdict is None:
                 raise RuntimeError("stream guard failed: its judge raised")
             return [], self._verdict
-        released = await self._check() if self._pending or self._verdict is None else []
+        released = await self._check(final=True) if self._pending or self._verdict is None else []
         if self._verdict is None:  # unreachable: _check sets it or raises
             raise RuntimeError("stream guard has no verdict")
         return released, self._verdict
 
-    async def _check(self) -> list[T]:
+    async def _check(self, final: bool = False) -> list[T]:
         text = "".join(self._parts)
         if text == self._cleared_text:
             # Only empty pieces since the last safe verdict (e.g. a detokenizer holding partial UTF-8):
             # the text is already covered, a new call would judge the very same string.
             return self._release()
+        held, self._held = self._held, None
+        if held is not None and text == held[1]:
+            return self._block(held[0])  # nothing new to judge since the flag: it stands
         cleared = len(self._cleared_text) if self._cleared_text is not None else 0
         tail = judged_tail(text, cleared, self._context_chars)
         verdict, read = await self._decide(text, cleared, tail)
@@ -252,8 +274,15 @@ class StreamGuard(Generic[T]):
         self.stats.checks += 1
         if self._on_decision is not None:
             self._on_decision(verdict, read)
-        if not verdict.safe:
-            self._close()
+        if held is not None:
+            if not verdict.safe or verdict.score >= (self._confirm_score or 0.0):
+                self.stats.flags_confirmed += 1
+                return self._block(verdict if not verdict.safe else held[0])
+            self.stats.flags_cleared += 1
+        elif not verdict.safe:
+            if self._confirm_score is None or final or verdict.error:
+                return self._block(verdict)
+            self._held = (verdict, text)
             return []
         self._cleared_text = text
         return self._release()
@@ -286,6 +315,11 @@ class StreamGuard(Generic[T]):
             self.stats.max_judge_seconds = max(self.stats.max_judge_seconds, elapsed)
         return verdict
 
+    def _block(self, verdict: Verdict) -> list[T]:
+        self._verdict = verdict
+        self._close()
+        return []
+
     def _close(self) -> None:
         self._closed = True
         self.stats.tokens_withheld += len(self._pending)
@@ -306,7 +340,7 @@ class StreamGuard(Generic[T]):
 def text_stream_guard(
     judge: Judge, window: int, clock: Callable[[], float] = time.perf_counter, first_window: int | None = None,
     context_chars: int | None = None, prefilter_chars: int | None = None, prefilter_below: float = 0.0,
-    on_decision: Callable[[Verdict, CheckRead], None] | None = None,
+    on_decision: Callable[[Verdict, CheckRead], None] | None = None, confirm_score: float | None = None,
 ) -> StreamGuard[str]:
     """A `StreamGuard` over plain text pieces.
 
@@ -319,10 +353,11 @@ def text_stream_guard(
         prefilter_chars: a shorter tail judged first (see `StreamGuard`).
         prefilter_below: score under which the prefilter's safe verdict settles a check.
         on_decision: called with each check's deciding verdict (see `StreamGuard`).
+        confirm_score: hold a flag for the next check to confirm (see `StreamGuard`); None: every flag stops.
 
     Returns:
         The guard.
     """
     return StreamGuard(judge, window, text_of=str, clock=clock, first_window=first_window,
                        context_chars=context_chars, prefilter_chars=prefilter_chars,
-                       prefilter_below=prefilter_below, on_decision=on_decision)
+                       prefilter_below=prefilter_below, on_decision=on_decision, confirm_score=confirm_score)

@@ -56,7 +56,8 @@ def policy_from_config(config: Config) -> Policy:
                   release_window_tokens=g.release_window_tokens,
                   first_release_window_tokens=g.first_release_window_tokens,
                   output_context_chars=g.output_context_chars, output_prefilter_chars=g.output_prefilter_chars,
-                  output_prefilter_below=g.output_prefilter_below, timeout_seconds=g.timeout_seconds)
+                  output_prefilter_below=g.output_prefilter_below, output_confirm_score=g.output_confirm_score,
+                  timeout_seconds=g.timeout_seconds)
 
 
 def classifier_identity(config: Config) -> dict[str, str]:

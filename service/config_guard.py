@@ -13,6 +13,7 @@ from guard.policy import (
     DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
     DEFAULT_MAX_MODERATE_CALLS,
     DEFAULT_MAX_MODERATE_CHARS,
+    DEFAULT_OUTPUT_CONFIRM_SCORE,
     DEFAULT_OUTPUT_CONTEXT_CHARS,
     DEFAULT_OUTPUT_PREFILTER_BELOW,
     DEFAULT_OUTPUT_PREFILTER_CHARS,
@@ -96,6 +97,13 @@ class GuardConfig:
         default=DEFAULT_OUTPUT_PREFILTER_BELOW,
         metadata=_doc("A prefilter verdict settles an output check when safe with a score below this (a request "
                       "that lowers output_threshold lowers it in proportion).", low=0,
+                      high=1),
+    )
+    output_confirm_score: float = field(
+        default=DEFAULT_OUTPUT_CONFIRM_SCORE,
+        metadata=_doc("A flagged output check holds its window; the stream stops only if the next check is unsafe "
+                      "or scores at least this (scaled like output_prefilter_below); 0: every flag stops at once. "
+                      "0.1 was measured (docs/GUARD.md).", low=0,
                       high=1),
     )
     excluded_categories: tuple[str, ...] = field(

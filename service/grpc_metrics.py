@@ -176,6 +176,9 @@ class RecordingSink:
     def record_prefilter(self, outcome: PrefilterOutcome) -> None:
         self.inner.record_prefilter(outcome)
 
+    def record_held_flags(self, confirmed: int, cleared: int) -> None:
+        self.inner.record_held_flags(confirmed, cleared)
+
 
 class _Call:
     """One call in flight: its scope, start time, and the status it ended with."""

@@ -151,6 +151,7 @@ class GuardMetrics:
     decisions: Counter
     latency: Histogram
     prefilter: Counter
+    held_flags: Counter
 
     @classmethod
     def create(cls, r: CollectorRegistry) -> GuardMetrics:
@@ -165,9 +166,14 @@ class GuardMetrics:
             prefilter=Counter("sluice_guard_prefilter_checks_total", "Output checks that read the prefilter's "
                               "short tail first, by outcome: prefilter (it settled the check) or escalated (the "
                               "full tail decided).", ["outcome"], registry=r),
+            held_flags=Counter("sluice_guard_held_flags_total", "Flagged output checks held for the next check "
+                               "to confirm (guard.output_confirm_score), by outcome: confirmed (the stream "
+                               "stopped) or cleared (the held text was released).", ["outcome"], registry=r),
         )
         for outcome in PREFILTER_OUTCOMES:  # both series exist from the start, so rate() and ratios work
             m.prefilter.labels(outcome)
+        for held in ("confirmed", "cleared"):
+            m.held_flags.labels(held)
         return m
 
 
@@ -291,6 +297,10 @@ class PrometheusSink:
 
     def record_prefilter(self, outcome: PrefilterOutcome) -> None:
         self.guard.prefilter.labels(outcome).inc()
+
+    def record_held_flags(self, confirmed: int, cleared: int) -> None:
+        self.guard.held_flags.labels("confirmed").inc(confirmed)
+        self.guard.held_flags.labels("cleared").inc(cleared)
 
     # -- CallObserver ------------------------------------------------------------------------------------
     def call_started(self, info: CallInfo) -> None:

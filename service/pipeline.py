@@ -183,7 +183,8 @@ class Pipeline:
                                     context_chars=policy.output_context_chars,
                                     prefilter_chars=policy.output_prefilter_chars or None,
                                     prefilter_below=policy.output_prefilter_below,
-                                    on_decision=self.record_check)
+                                    on_decision=self.record_check,
+                                    confirm_score=policy.output_confirm_score or None)
             async for ev in stream:
                 released = [ev] if guard is None else await guard.feed(ev)
                 if guard is not None and guard.blocked:
@@ -210,6 +211,8 @@ class Pipeline:
                 return
         finally:
             stream.cancel()  # no-op when finished; frees the slot when the client went away
+            if guard is not None and (guard.stats.flags_confirmed or guard.stats.flags_cleared):
+                self.stats.record_held_flags(guard.stats.flags_confirmed, guard.stats.flags_cleared)
 
 
 def _event_text(ev: TokenEvent) -> str:

@@ -52,6 +52,11 @@ class StatsSink(Protocol):
         "escalated" (the full tail decided)."""
         ...
 
+    def record_held_flags(self, confirmed: int, cleared: int) -> None:
+        """One stream's flagged output checks held for confirmation (`guard.output_confirm_score`): how many
+        the next check confirmed (the stream stopped) and how many it cleared (the held text was released)."""
+        ...
+
 
 class NullSink:
     """Discards everything (metrics disabled)."""
@@ -65,6 +70,9 @@ class NullSink:
     def record_prefilter(self, outcome: PrefilterOutcome) -> None:
         return None
 
+    def record_held_flags(self, confirmed: int, cleared: int) -> None:
+        return None
+
 
 class ListSink:
     """Keeps everything in memory (tests)."""
@@ -73,6 +81,7 @@ class ListSink:
         self.requests: list[RequestRecord] = []
         self.verdicts: list[Verdict] = []
         self.prefilter: list[PrefilterOutcome] = []
+        self.held_flags: list[tuple[int, int]] = []  # (confirmed, cleared) per stream that held any
 
     def record_request(self, record: RequestRecord) -> None:
         self.requests.append(record)
@@ -82,3 +91,6 @@ class ListSink:
 
     def record_prefilter(self, outcome: PrefilterOutcome) -> None:
         self.prefilter.append(outcome)
+
+    def record_held_flags(self, confirmed: int, cleared: int) -> None:
+        self.held_flags.append((confirmed, cleared))

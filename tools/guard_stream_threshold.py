@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from guard.backends.classifier import ClassifierModerator, Head
 from guard.features import FeatureExtractor, FloatArray
-from guard.moderator import Message, Role, Stage
+from guard.moderator import Message, Role, Stage, Verdict
 from guard.policy import (
     DEFAULT_FIRST_RELEASE_WINDOW_TOKENS,
     DEFAULT_OUTPUT_CONTEXT_CHARS,
@@ -36,7 +36,7 @@ from guard.policy import (
     DEFAULT_OUTPUT_PREFILTER_CHARS,
     DEFAULT_RELEASE_WINDOW_TOKENS,
 )
-from guard.stream import check_points, judged_tail, prefilter_tail
+from guard.stream import check_points, judged_tail, prefilter_tail, text_stream_guard
 
 LOG = logging.getLogger("guard_stream_threshold")
 FIRST_WINDOW, WINDOW = DEFAULT_FIRST_RELEASE_WINDOW_TOKENS, DEFAULT_RELEASE_WINDOW_TOKENS  # the default schedule
@@ -116,6 +116,52 @@ async def replay_checks(score: Callable[[str], Awaitable[float]], prefix_of: Cal
         read += (len(short) if short is not None else 0) + (0 if settled else len(tail))
         cleared = len(text)
     return worst, read
+
+
+def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """One text piece per token whose concatenation is always the decoded prefix, as the served detokenizer
+    streams them (a token ending inside a character gives an empty piece until the character completes)."""
+    pieces, shown = [], ""
+    for k in range(1, len(ids) + 1):
+        text = tokenizer.decode(list(ids[:k]))
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            pieces.append(text[len(shown):])
+            shown = text
+        else:
+            pieces.append("")
+    if pieces:
+        pieces[-1] += tokenizer.decode(list(ids))[len(shown):]
+    return pieces
+
+
+async def replay_guard(score: Callable[[str], Awaitable[float]], pieces: Sequence[str], window: int,
+                       first_window: int, context_chars: int, prefilter_chars: int, prefilter_below: float,
+                       threshold: float, confirm_score: float | None) -> tuple[bool, int]:
+    """One stream through `StreamGuard` itself, a check flagging when its score reaches `threshold`.
+
+    Unlike `replay_checks` (whose worst score decides every threshold at once), this follows the guard's own
+    decisions, so it also replays held flags (`confirm_score`, where a flag changes what later checks read).
+
+    Returns:
+        (whether the stream was stopped, the characters its checks read).
+    """
+    read = 0
+
+    async def judge(text: str) -> Verdict:
+        nonlocal read
+        read += len(text)
+        value = await score(text)
+        return Verdict(value < threshold, (), value, "replay", Stage.OUTPUT)
+
+    guard = text_stream_guard(judge, window, first_window=first_window, context_chars=context_chars,
+                              prefilter_chars=prefilter_chars or None, prefilter_below=prefilter_below,
+                              confirm_score=confirm_score)
+    for piece in pieces:
+        await guard.feed(piece)
+        if guard.blocked:
+            return True, read
+    await guard.finish()
+    return guard.blocked, read
 
 
 async def stream_scores(moderator: ClassifierModerator, text: str, tokenizer: Tokenizer) -> tuple[float, float]:

@@ -15,9 +15,11 @@ import base64
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -55,11 +57,16 @@ class RecordingModerator:
         return v
 
 
+R = TypeVar("R", bound=RecordingModerator)
+
+
 @contextlib.asynccontextmanager
-async def guarded(served: Served, model_dir: Path, *args: str) -> AsyncIterator[tuple[str, RecordingModerator]]:
+async def guarded_with(served: Served, model_dir: Path, wrap: Callable[[Moderator], R],
+                       *args: str) -> AsyncIterator[tuple[str, R]]:
+    """A server over the shared engine whose guard is the real classifier wrapped by `wrap`."""
     config = server_config(model_dir, "--guard-backend", "classifier", *args)
     classifier, worker = build_classifier(config)
-    recorder = RecordingModerator(classifier)
+    recorder = wrap(classifier)
     app = build_app(config, served.engine, stats=recorder.stats, moderator=recorder)
     server = await start_server(config, app.generation, app.moderation, app.life, None)
     await server.set_serving(True)
@@ -68,6 +75,11 @@ async def guarded(served: Served, model_dir: Path, *args: str) -> AsyncIterator[
     finally:
         await server.server.stop(0)
         worker.shutdown()
+
+
+def guarded(served: Served, model_dir: Path,
+            *args: str) -> contextlib.AbstractAsyncContextManager[tuple[str, RecordingModerator]]:
+    return guarded_with(served, model_dir, RecordingModerator, *args)
 
 
 def chat(text: str, **kw: object) -> generation_pb2.GenerateRequest:
@@ -209,6 +221,52 @@ async def test_output_verdict_stops_the_stream(served: Served, model_dir: Path) 
     assert chunks == []  # the first window was judged unsafe: nothing was released
     assert served.engine.stats().running == 0  # generation stopped at once, the slot is free
     assert len([c for c in rec.calls if c[0] is Stage.OUTPUT]) == 1
+
+
+@dataclass
+class FlagFirstOutputs(RecordingModerator):
+    """The real classifier, except that the first `flags` output checks are judged unsafe (S1): a lone flag on
+    a benign answer, deterministically."""
+
+    flags: int = 1
+
+    async def moderate(self, conversation: Sequence[Message], role: Role, stage: Stage) -> Verdict:
+        v = await self.inner.moderate(conversation, role, stage)
+        if stage is Stage.OUTPUT and self.flags > 0:
+            self.flags -= 1
+            v = Verdict(False, ("S1",), 0.9, v.backend, stage, v.latency)
+        self.calls.append((stage, conversation[-1].content, v, time.monotonic()))
+        return v
+
+
+async def test_a_lone_output_flag_is_held_and_cleared_by_the_next_check(served: Served, model_dir: Path) -> None:
+    flag_one = partial(FlagFirstOutputs, flags=1)
+    args = ("--guard-release-window-tokens", "4", "--guard-output-confirm-score", "0.1")
+    async with guarded_with(served, model_dir, flag_one, *args) as (target, rec):
+        chunks, final = await stream(target, chat(BENIGN, max_new_tokens=24))
+    assert final.finish_reason in (generation_pb2.FINISH_REASON_EOS, generation_pb2.FINISH_REASON_LENGTH)
+    assert final.output_verdict.safe and "Tokyo" in "".join(c for c, _ in chunks)
+    outputs = [(text, v, when) for stage, text, v, when in rec.calls if stage is Stage.OUTPUT]
+    flagged, cleared = outputs[0], outputs[1]
+    assert not flagged[1].safe and cleared[1].safe and cleared[1].score < 0.1
+    assert cleared[0].startswith(flagged[0]) and len(cleared[0]) > len(flagged[0])  # it read the held text too
+    assert chunks[0][1] >= cleared[2]  # nothing was released on the flag, only once the next check cleared it
+    assert "".join(c for c, _ in chunks).startswith(flagged[0])
+    assert rec.stats.held_flags == [(0, 1)]
+
+
+@pytest.mark.parametrize(("flags", "confirm"), [(2, "0.1"), (1, "0")], ids=["confirmed", "confirmation-off"])
+async def test_a_confirmed_or_unheld_output_flag_stops_the_stream(served: Served, model_dir: Path, flags: int,
+                                                                  confirm: str) -> None:
+    args = ("--guard-release-window-tokens", "4", "--guard-output-confirm-score", confirm)
+    async with guarded_with(served, model_dir, partial(FlagFirstOutputs, flags=flags), *args) as (target, rec):
+        chunks, final = await stream(target, chat(BENIGN, max_new_tokens=24))
+        await served.watch.until_idle()
+    assert final.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER
+    assert list(final.output_verdict.categories) == ["S1"] and chunks == []
+    assert len([c for c in rec.calls if c[0] is Stage.OUTPUT]) == flags
+    assert rec.stats.held_flags == ([(1, 0)] if confirm != "0" else [])
+    assert served.engine.stats().running == 0
 
 
 async def test_a_request_cannot_loosen_the_policy(served: Served, model_dir: Path) -> None:

@@ -50,6 +50,7 @@ def test_categories_in_prompt_order_without_excluded() -> None:
         {"output_context_chars": 0},
         {"output_prefilter_chars": -1},
         {"output_prefilter_below": 1.5},
+        {"output_confirm_score": -0.1},
         {"timeout_seconds": 0.0},
         {"enabled": ("S1",), "excluded": ("S1",)},
     ],
@@ -82,6 +83,13 @@ def test_a_lower_output_threshold_lowers_the_prefilter_bar_in_proportion() -> No
     assert base.tighten(PolicyOptions(output_threshold=0.05)).output_prefilter_below == pytest.approx(0.0002)
     assert base.tighten(PolicyOptions(output_threshold=0.0)).output_prefilter_below == 0.0  # never settles
     assert base.tighten(PolicyOptions(input_threshold=0.1)).output_prefilter_below == 0.002
+
+
+def test_a_lower_output_threshold_lowers_the_confirmation_bar_in_proportion() -> None:
+    base = Policy(output_threshold=0.5, output_confirm_score=0.1)
+    assert base.tighten(PolicyOptions(output_threshold=0.25)).output_confirm_score == pytest.approx(0.05)
+    assert base.tighten(PolicyOptions(output_threshold=0.0)).output_confirm_score == 0.0  # every flag stops
+    assert base.tighten(PolicyOptions(input_threshold=0.1)).output_confirm_score == 0.1
 
 
 def test_tighten_can_enable_a_category_the_deployment_did_not() -> None:

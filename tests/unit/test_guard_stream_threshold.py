@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guard.backends.classifier import ClassifierModerator, Head, load_head, save_head
 from guard.moderator import Message, Role, Stage
+from guard.stream import check_points
 from tests.unit.test_classifier import FakeExtractor, f32, tiny_head
-from tools.guard_stream_threshold import TOP, choose_stream_threshold
+from tools.guard_stream_threshold import TOP, choose_stream_threshold, replay_checks, replay_guard, token_pieces
 
 
 def sig_of(x: float) -> float:
@@ -74,3 +78,43 @@ def test_serving_another_output_schedule_with_a_per_stream_threshold_is_warned()
     warning = stream_schedule_warning(1.165, 4, 32, 512)
     assert warning is not None and "doubling to 16" in warning and "doubling to 32" in warning
     assert stream_schedule_warning(1.165, 4, 16, 1024) is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(words=st.lists(st.sampled_from(["ok ", "fine ", "bad ", "é", "", "worse ", "x"]), min_size=1, max_size=40),
+       threshold=st.sampled_from([0.5, 0.7]), prefilter=st.sampled_from([0, 8]))
+def test_replaying_through_the_stream_guard_agrees_with_the_worst_check(words: list[str], threshold: float,
+                                                                          prefilter: int) -> None:
+    """Without held flags, a stream stops exactly when its worst replayed check reaches the threshold; the
+    guard's checks read what `replay_checks` reads (the bench and the threshold tool use both)."""
+    async def score(text: str) -> float:  # unsafe words in the last 12 characters
+        return 0.9 if "bad" in text[-12:] else 0.6 if "worse" in text else 0.0
+
+    async def run() -> None:
+        prefix = ["".join(words[:k]) for k in range(len(words) + 1)]
+        points = check_points(len(words), 4, 1)
+        worst, _ = await replay_checks(score, prefix.__getitem__, points, 20, prefilter, 0.002)
+        stopped, _ = await replay_guard(score, words, 4, 1, 20, prefilter, 0.002, threshold, None)
+        assert stopped == (worst >= threshold)
+
+    asyncio.run(run())
+
+
+async def test_held_flags_replay_a_lone_flag_as_cleared() -> None:
+    async def score(text: str) -> float:  # flags a fragment, clears the longer text
+        return 0.8 if text.endswith("bomb ") else 0.0
+
+    words = ["I ", "won't ", "help ", "build ", "a ", "bomb ", "because ", "it ", "hurts ", "people ."]
+    assert (await replay_guard(score, words, 16, 2, 512, 0, 0.002, 0.5, None))[0] is True
+    assert (await replay_guard(score, words, 16, 2, 512, 0, 0.002, 0.5, 0.1))[0] is False
+
+
+def test_token_pieces_concatenate_to_every_decoded_prefix() -> None:
+    from tokenizers import Tokenizer, decoders, models
+
+    tok = Tokenizer(models.BPE({"a": 0, "\u00c3": 1, "\u00a9": 2, "\u0120b": 3}, []))
+    tok.decoder = decoders.ByteLevel()
+    ids = [0, 1, 2, 3]  # "a", then "é" split over two byte tokens, then " b"
+    pieces = token_pieces(tok, ids)
+    assert pieces == ["a", "", "é", " b"]
+    assert "".join(pieces) == tok.decode(ids)

@@ -169,6 +169,18 @@ def test_prefilter_outcomes_are_counted_from_zero() -> None:
     assert value(s, "sluice_guard_prefilter_checks_total", outcome="escalated") == 1
 
 
+def test_held_flags_are_counted_by_outcome_from_zero() -> None:
+    sink = PrometheusSink(CollectorRegistry(), process_metrics=False)
+    s = sample_values(sink.registry)
+    assert value(s, "sluice_guard_held_flags_total", outcome="confirmed") == 0
+    assert value(s, "sluice_guard_held_flags_total", outcome="cleared") == 0
+    sink.record_held_flags(confirmed=1, cleared=2)
+    sink.record_held_flags(confirmed=0, cleared=1)
+    s = sample_values(sink.registry)
+    assert value(s, "sluice_guard_held_flags_total", outcome="confirmed") == 1
+    assert value(s, "sluice_guard_held_flags_total", outcome="cleared") == 3
+
+
 def test_engine_gauges_are_read_at_scrape_time() -> None:
     sink = PrometheusSink(CollectorRegistry(), guard_backend="classifier", process_metrics=False)
     assert value(sample_values(sink.registry), "sluice_requests_running") == 0  # no engine yet: no sample
