@@ -168,7 +168,9 @@ class GuardMetrics:
                               "full tail decided).", ["outcome"], registry=r),
             held_flags=Counter("sluice_guard_held_flags_total", "Flagged output checks held for the next check "
                                "to confirm (guard.output_confirm_score), by outcome: confirmed (the stream "
-                               "stopped) or cleared (the held text was released).", ["outcome"], registry=r),
+                               "stopped) or cleared (the held text was released); each also counts as an unsafe "
+                               "output decision.",
+                               ["outcome"], registry=r),
         )
         for outcome in PREFILTER_OUTCOMES:  # both series exist from the start, so rate() and ratios work
             m.prefilter.labels(outcome)
