@@ -249,17 +249,13 @@ def test_shipped_head_records_its_provenance(profile: str) -> None:
     assert "alpaca" not in sources and "malicious_instruct" not in sources  # measure-only licences
     assert head_path.stat().st_size < 400_000
     assert adapter_path.stat().st_size < 2_000_000
-    # the default carries the per-stream output threshold (tools/guard_stream_threshold.py) its JSON records;
-    # the previous default predates it
+    # both carry the per-stream output threshold (tools/guard_stream_threshold.py) their JSON records
     stream, head = meta.get("stream_output_threshold"), load_head(head_path)
-    assert (stream is not None) == (profile == "default")
-    if isinstance(stream, dict):
-        assert stream["raw_threshold"] >= stream["raw_output_threshold"]
-        offset = logit(stream["raw_threshold"]) - logit(stream["raw_output_threshold"])
-        assert head.stream_offset == pytest.approx(offset)
-        assert stream["stream_fpr_at_stream_threshold"] <= stream["whole_fpr_at_output_threshold"]
-    else:
-        assert head.stream_offset == 0.0
+    assert isinstance(stream, dict)
+    assert stream["raw_threshold"] >= stream["raw_output_threshold"]
+    offset = logit(stream["raw_threshold"]) - logit(stream["raw_output_threshold"])
+    assert head.stream_offset == pytest.approx(offset) and head.stream_offset > 0
+    assert stream["stream_fpr_at_stream_threshold"] <= stream["whole_fpr_at_output_threshold"]
 
 
 def test_guard_encoder_is_the_plain_encoder_plus_the_adapter_in_int8(encoder: MiniLMEncoder,
