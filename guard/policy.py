@@ -40,10 +40,8 @@ DEFAULT_OUTPUT_CONTEXT_CHARS = 512
 # unsafe responses stopped (0.966), fewer safe ones (0.140 vs 0.163).
 DEFAULT_OUTPUT_PREFILTER_CHARS = 192
 DEFAULT_OUTPUT_PREFILTER_BELOW = 0.002
-# Held flags (guard/stream.py): a flagged output check holds its window, and the stream stops only if the next
-# check scores >= this (policy scale, 0.5 = the threshold). Off (0) by default: the issue asks that an unsafe
-# verdict stop generation at once. At 0.1, on answers written after that value was registered
-# (data/guard_candidates/README.md), safe streams stopped 0.198 -> 0.143 and unsafe ones 0.935 -> 0.919.
+# Held flags (guard/stream.py): the stream stops only if the check after a flag scores >= this (0.5 = threshold).
+# Off (0): the issue asks an unsafe verdict to stop generation at once. 0.1 was measured (docs/GUARD.md).
 DEFAULT_OUTPUT_CONFIRM_SCORE = 0.0
 # A guard check that takes longer than this is treated as a backend error (then fail-open/closed).
 DEFAULT_TIMEOUT_SECONDS = 2.0
@@ -74,6 +72,7 @@ class PolicyOptions:
         output_threshold: a lower block threshold for the output (Agent) checks.
         release_window_tokens: a smaller release window.
         fail_open: only False is stricter (fail closed on a backend error).
+        stop_on_first_flag: True ends a stream at its first unsafe output check (no held flags).
     """
 
     block_categories: tuple[str, ...] = ()
@@ -81,6 +80,7 @@ class PolicyOptions:
     output_threshold: float | None = None
     release_window_tokens: int | None = None
     fail_open: bool | None = None
+    stop_on_first_flag: bool = False
 
 
 def _check_threshold(name: str, value: float) -> None:
@@ -218,7 +218,7 @@ class Policy:
             input_threshold=_lower("input_threshold", self.input_threshold, options.input_threshold),
             output_threshold=output_threshold,
             output_prefilter_below=self.output_prefilter_below * scale,
-            output_confirm_score=self.output_confirm_score * scale,
+            output_confirm_score=0.0 if options.stop_on_first_flag else self.output_confirm_score * scale,
             release_window_tokens=_smaller_window(self.release_window_tokens, options.release_window_tokens),
             fail_open=_stricter_fail_open(self.fail_open, options.fail_open),
         )

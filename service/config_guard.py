@@ -103,7 +103,7 @@ class GuardConfig:
         default=DEFAULT_OUTPUT_CONFIRM_SCORE,
         metadata=_doc("A flagged output check holds its window; the stream stops only if the next check is unsafe "
                       "or scores at least this (scaled like output_prefilter_below); 0: every flag stops at once. "
-                      "0.1 was measured (docs/GUARD.md).", low=0,
+                      "0.1 was measured (docs/GUARD.md); a request may opt out (stop_on_first_flag).", low=0,
                       high=1),
     )
     excluded_categories: tuple[str, ...] = field(

@@ -40,6 +40,7 @@ def policy_options_from_proto(g: common_pb2.GuardOptions) -> PolicyOptions:
         output_threshold=g.output_threshold if g.HasField("output_threshold") else None,
         release_window_tokens=g.release_window_tokens if g.HasField("release_window_tokens") else None,
         fail_open=False if g.fail_closed else None,
+        stop_on_first_flag=g.stop_on_first_flag,
     )
 
 

@@ -255,17 +255,19 @@ async def test_a_lone_output_flag_is_held_and_cleared_by_the_next_check(served: 
     assert rec.stats.held_flags == [(0, 1)]
 
 
-@pytest.mark.parametrize(("flags", "confirm"), [(2, "0.1"), (1, "0")], ids=["confirmed", "confirmation-off"])
+@pytest.mark.parametrize(("flags", "confirm", "opt_out"), [(2, "0.1", False), (1, "0", False), (1, "0.1", True)],
+                         ids=["confirmed", "confirmation-off", "request-opts-out"])
 async def test_a_confirmed_or_unheld_output_flag_stops_the_stream(served: Served, model_dir: Path, flags: int,
-                                                                  confirm: str) -> None:
+                                                                  confirm: str, opt_out: bool) -> None:
     args = ("--guard-release-window-tokens", "4", "--guard-output-confirm-score", confirm)
+    guard = common_pb2.GuardOptions(stop_on_first_flag=opt_out)
     async with guarded_with(served, model_dir, partial(FlagFirstOutputs, flags=flags), *args) as (target, rec):
-        chunks, final = await stream(target, chat(BENIGN, max_new_tokens=24))
+        chunks, final = await stream(target, chat(BENIGN, max_new_tokens=24, guard=guard))
         await served.watch.until_idle()
     assert final.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER
     assert list(final.output_verdict.categories) == ["S1"] and chunks == []
     assert len([c for c in rec.calls if c[0] is Stage.OUTPUT]) == flags
-    assert rec.stats.held_flags == ([(1, 0)] if confirm != "0" else [])
+    assert rec.stats.held_flags == ([(1, 0)] if flags == 2 else [])
     assert served.engine.stats().running == 0
 
 

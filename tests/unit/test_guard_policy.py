@@ -90,6 +90,7 @@ def test_a_lower_output_threshold_lowers_the_confirmation_bar_in_proportion() ->
     assert base.tighten(PolicyOptions(output_threshold=0.25)).output_confirm_score == pytest.approx(0.05)
     assert base.tighten(PolicyOptions(output_threshold=0.0)).output_confirm_score == 0.0  # every flag stops
     assert base.tighten(PolicyOptions(input_threshold=0.1)).output_confirm_score == 0.1
+    assert base.tighten(PolicyOptions(stop_on_first_flag=True)).output_confirm_score == 0.0  # a request opts out
 
 
 def test_tighten_can_enable_a_category_the_deployment_did_not() -> None:
