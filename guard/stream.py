@@ -27,7 +27,8 @@ next check (over the held text and the next window) decides: the stream stops if
 scores at least `confirm_score`, else everything held is released under that safe verdict. A lone flag on a
 fragment (a refusal's first clause restating the request) is the commonest false stop, and the longer text
 clears it. A flag at the stream's final check, or with nothing new to judge after it, or from a backend error,
-stops at once; at most two windows are ever withheld.
+stops at once, and a confirming check that errs (fail-open) lets the flag stand; at most two windows are ever
+withheld.
 """
 
 from __future__ import annotations
@@ -275,7 +276,8 @@ class StreamGuard(Generic[T]):
         if self._on_decision is not None:
             self._on_decision(verdict, read)
         if held is not None:
-            if not verdict.safe or verdict.score >= (self._confirm_score or 0.0):
+            # a failed confirming check (a fail-open error verdict) cannot clear the flag: it stands
+            if not verdict.safe or verdict.error or verdict.score >= (self._confirm_score or 0.0):
                 self.stats.flags_confirmed += 1
                 return self._block(verdict if not verdict.safe else held[0])
             self.stats.flags_cleared += 1

@@ -443,6 +443,17 @@ async def test_confirmation_never_waits_past_the_end_or_on_errors() -> None:
 
     guard = text_stream_guard(failing, window=1, confirm_score=0.1)
     assert await guard.feed("a") == [] and guard.blocked
+    # a confirming check that fails open cannot clear a flag
+    verdicts = iter([Verdict(False, ("S1",), 0.9, "fake", Stage.OUTPUT),
+                     Verdict(True, (), 0.0, "error", Stage.OUTPUT, error=True)])
+
+    async def flag_then_fail_open(text: str) -> Verdict:
+        return next(verdicts)
+
+    guard = text_stream_guard(flag_then_fail_open, window=1, confirm_score=0.1)
+    assert await guard.feed("a") == [] and not guard.blocked
+    assert await guard.feed("b") == [] and guard.blocked
+    assert guard.verdict is not None and guard.verdict.categories == ("S1",)
 
 
 @settings(max_examples=300, deadline=None)
