@@ -4,7 +4,7 @@ Routing uses the first stage's score only: score < low or score >= high returns 
 unchanged (so its policy, thresholds and excluded categories still apply); low <= score < high, or a
 first-stage error verdict, asks the second stage, whose verdict is returned with the cascade's total
 latency. Configure low <= threshold <= high so that what the first stage decides alone is what it is
-confident about. Exceptions propagate: wrap the cascade in `guard.policy.FailSafeModerator`.
+confident about. Exceptions propagate: wrap the cascade in `guard.failsafe.FailSafeModerator`.
 """
 
 from __future__ import annotations

@@ -3,21 +3,18 @@
 A `Policy` is data. Per-request options go through `Policy.tighten`, which can only make it stricter and
 raises `PolicyError` (a ValueError: the servicer maps it to INVALID_ARGUMENT) on any attempt to loosen, so
 a client learns at once that its request was not honoured instead of silently getting less than it
-asked for. `FailSafeModerator` applies the policy's timeout and its fail-open / fail-closed rule around
-any backend.
+asked for. `guard.failsafe.FailSafeModerator` applies the policy's timeout and its fail-open / fail-closed
+rule around any backend.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from guard.moderator import Message, Moderator, Role, Stage, Verdict
-from guard.prompt import judged_turns
+from guard.moderator import Role, Stage, Verdict
 from guard.stream import first_window_size
 from guard.taxonomy import BUILTIN_CODES, CATEGORIES, Category, code_sort_key, is_builtin, sort_codes
 
@@ -353,49 +350,3 @@ def _stricter_fail_open(current: bool, requested: bool | None) -> bool:
     if requested and not current:
         raise PolicyError("fail_open may only be turned off, got true on a fail-closed policy")
     return requested
-
-
-class FailSafeModerator:
-    """Wraps any moderator with the policy's timeout and fail-open / fail-closed rule.
-
-    A conversation that cannot be judged (`ConversationError`, a client error) is raised before the
-    backend runs; every backend failure becomes `policy.on_backend_error`. Cancellation propagates.
-    """
-
-    def __init__(
-        self, inner: Moderator, policy: Policy, clock: Callable[[], float] = time.perf_counter
-    ) -> None:
-        self._inner = inner
-        self._policy = policy
-        self._clock = clock
-
-    @property
-    def policy(self) -> Policy:
-        """The policy applied on errors and timeouts."""
-        return self._policy
-
-    def timeout_for(self, conversation: Sequence[Message]) -> float:
-        """Seconds a check of `conversation` may take: `timeout_seconds` per `TIMEOUT_CHARS` characters of all
-        its turns, at least `timeout_seconds` (every backend reads at most the whole conversation)."""
-        chars = sum(len(m.content) for m in conversation)
-        return self._policy.timeout_seconds * max(1.0, chars / TIMEOUT_CHARS)
-
-    async def moderate(self, conversation: Sequence[Message], role: Role, stage: Stage) -> Verdict:
-        """Judge with the inner moderator; errors and timeouts become the policy's error verdict.
-
-        Args:
-            conversation: the turns, oldest first; the last one belongs to `role`.
-            role: whose last message is judged.
-            stage: input / output / moderate.
-
-        Returns:
-            The inner verdict, or an error verdict (error=True).
-        """
-        judged_turns(conversation, role)  # raises ConversationError: the caller's fault, not the backend's
-        start = self._clock()
-        try:
-            return await asyncio.wait_for(
-                self._inner.moderate(conversation, role, stage), self.timeout_for(conversation)
-            )
-        except Exception as exc:  # any backend failure is a policy decision, logged and flagged error=True
-            return self._policy.on_backend_error(stage, exc, latency=self._clock() - start)

@@ -43,7 +43,7 @@ from guard.moderator import Verdict
 T = TypeVar("T")
 
 # Judges the generated text so far (or its tail, see `judged_tail`); the closure owns the conversation and
-# the stage. It should not raise (wrap the moderator in `guard.policy.FailSafeModerator`): if it does, the
+# the stage. It should not raise (wrap the moderator in `guard.failsafe.FailSafeModerator`): if it does, the
 # exception propagates and the guard is closed, so nothing more is released.
 Judge = Callable[[str], Awaitable[Verdict]]
 

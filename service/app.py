@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from guard.backends.classifier import load_metadata
+from guard.failsafe import FailSafeModerator
 from guard.moderator import Moderator
-from guard.policy import FailSafeModerator, Policy
+from guard.policy import Policy
 from guard.taxonomy import BUILTIN_CODES, sort_codes
 from service import __version__
 from service._pb.sluice.v1 import generation_pb2

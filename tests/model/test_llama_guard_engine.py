@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from guard.backends.llama_guard import UNSAFE_TOKEN, LlamaGuardModerator
+from guard.failsafe import FailSafeModerator
 from guard.moderator import Message, Role, Stage
-from guard.policy import FailSafeModerator, Policy
+from guard.policy import Policy
 from guard.prompt import build_guard_prompt
 from service.engine.engine import Engine, EngineConfig
 from service.guard_lm import EngineGuardLM

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from guard.backends.llama_guard import MAX_VERDICT_TOKENS, GuardLMOutput, LlamaGuardModerator
+from guard.failsafe import FailSafeModerator
 from guard.moderator import Message, Role, Stage
-from guard.policy import FailSafeModerator, Policy, PolicyOptions
+from guard.policy import Policy, PolicyOptions
 from guard.prompt import VerdictParseError
 from guard.taxonomy import custom_categories
 

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import pytest
 
+from guard.failsafe import FailSafeModerator
 from guard.moderator import Message, Role, Stage, Verdict
-from guard.policy import TIMEOUT_CHARS, FailSafeModerator, Policy, PolicyError, PolicyOptions
+from guard.policy import TIMEOUT_CHARS, Policy, PolicyError, PolicyOptions
 from guard.prompt import ConversationError
 from guard.taxonomy import BUILTIN_CODES, custom_categories
 
