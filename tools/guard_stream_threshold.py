@@ -164,17 +164,23 @@ async def replay_guard(score: Callable[[str], Awaitable[float]], pieces: Sequenc
     return guard.blocked, read
 
 
-async def stream_scores(moderator: ClassifierModerator, text: str, tokenizer: Tokenizer) -> tuple[float, float]:
-    """(whole-text score, worst check score) of one answer as the default schedule streams it, both read as
-    the output stage reads them (with a shipped head's stream offset)."""
+def output_scorer(moderator: ClassifierModerator) -> Callable[[str], Awaitable[float]]:
+    """A text's score as a stream's output check reads it (an Agent turn at `Stage.OUTPUT`, with a shipped head's
+    stream offset; a training head carries no offsets, so whole texts read the same), cached per text."""
     cache: dict[str, float] = {}
 
     async def score(t: str) -> float:
         if t not in cache:
-            # as a stream's check is judged (a training head carries no offsets, so whole texts read the same)
             cache[t] = (await moderator.moderate([Message("assistant", t)], Role.AGENT, Stage.OUTPUT)).score
         return cache[t]
 
+    return score
+
+
+async def stream_scores(moderator: ClassifierModerator, text: str, tokenizer: Tokenizer) -> tuple[float, float]:
+    """(whole-text score, worst check score) of one answer as the default schedule streams it, both read as
+    the output stage reads them (with a shipped head's stream offset)."""
+    score = output_scorer(moderator)
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     points = check_points(len(ids), WINDOW, FIRST_WINDOW)
     worst, _ = await replay_checks(score, lambda k: tokenizer.decode(ids[:k]), points, DEFAULT_OUTPUT_CONTEXT_CHARS,

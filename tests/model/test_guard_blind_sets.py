@@ -26,7 +26,7 @@ from guard.policy import (
 )
 from tests.model.conftest import ROOT, profile_moderator
 from tools.guard_data import read_jsonl
-from tools.guard_stream_threshold import replay_guard, stream_scores, token_pieces
+from tools.guard_stream_threshold import output_scorer, replay_guard, stream_scores, token_pieces
 
 BLIND = ROOT / "data" / "guard_eval"
 # (round, profile) -> bounds, each 2-4 rows from what was measured (default / previous):
@@ -111,13 +111,7 @@ CONFIRM_BOUNDS = {"default": (0.87, 0.09), "previous": (0.88, 0.17)}
 async def test_held_flags_spare_safe_answer_streams(profile: str, model_dir: Path) -> None:
     moderator, tokenizer, rows = answer_set(profile, model_dir, "blind15_answers")
     stopped: dict[tuple[str, bool], list[bool]] = {}
-    cache: dict[str, float] = {}  # a text scores the same in any answer (the judge reads the Agent turn only)
-
-    async def score(text: str) -> float:
-        if text not in cache:
-            cache[text] = (await moderator.moderate([Message("assistant", text)], Role.AGENT, Stage.OUTPUT)).score
-        return cache[text]
-
+    score = output_scorer(moderator)  # one cache: a text scores the same in any answer (the Agent turn only)
     for row in rows:
         pieces = token_pieces(tokenizer, tokenizer.encode(str(row["text"]), add_special_tokens=False).ids)
         for held in (False, True):
