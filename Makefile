@@ -90,9 +90,9 @@ encoder-wheel: venv
 # About 50 min on 2 cores.
 GUARD_FOLDS ?= 3
 # GUARD_SEED seeds the adapters and the head (single seeds move held-out figures by 3-5 points, docs/GUARD.md).
-# The defaults reproduce the shipped head (the fourteenth round: the eleventh round's recipe, seed 1, on data/guard
-# with the round14_* rows); the previous default is `make guard-train` at commit 3f5b376 (the same recipe without
-# those rows; one training row reads differently there than when it was trained, docs/GUARD.md).
+# The defaults reproduce the shipped head (the fifteenth round: the eleventh round's recipe, seed 1, on data/guard
+# with the round14_* and round15_* rows); the previous default is `make guard-train` at commit 758f4ca (the same
+# recipe without the round15_* rows).
 GUARD_SEED ?= 1
 # Empty: one threshold for both stages. A number (the shipped head: 0.21): the input threshold is the lower of
 # that and the one holding every borderline source of the User rows at this FPR (train_guard
