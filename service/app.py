@@ -62,11 +62,16 @@ def policy_from_config(config: Config) -> Policy:
 
 
 def classifier_identity(config: Config) -> dict[str, str]:
-    """GuardInfo's classifier_head and classifier_features when the embedded classifier judges, else nothing."""
-    if config.guard.backend not in (GuardBackend.CLASSIFIER, GuardBackend.CASCADE):
+    """GuardInfo's classifier_head and classifier_features (and the Agent-turn head's, when one is set) when the
+    embedded classifier judges, else nothing."""
+    g = config.guard
+    if g.backend not in (GuardBackend.CLASSIFIER, GuardBackend.CASCADE):
         return {}
-    features = str(load_metadata(config.guard.head).get("features", ""))
-    return {"classifier_head": str(config.guard.head), "classifier_features": features}
+    identity = {"classifier_head": str(g.head), "classifier_features": str(load_metadata(g.head).get("features", ""))}
+    if g.output_head is not None:
+        identity.update(classifier_output_head=str(g.output_head),
+                        classifier_output_features=str(load_metadata(g.output_head).get("features", "")))
+    return identity
 
 
 def chat_template(tokenizer_config: dict[str, object]) -> ChatTemplate | None:

@@ -26,6 +26,8 @@ def cross_field_problems(c: Config) -> list[str]:
         problems.append("security.tls_client_ca requires security.tls_cert and security.tls_key")
     if s.auth_token is not None and s.auth_token_file is not None:
         problems.append("security.auth_token and security.auth_token_file must not both be set")
+    if (c.guard.output_encoder is None) != (c.guard.output_head is None):
+        problems.append("guard.output_encoder and guard.output_head are set together or not at all")
     if c.guard.backend in (GuardBackend.LLAMA_GUARD, GuardBackend.CASCADE) and c.guard.model is None:
         problems.append(f"guard.model is required when guard.backend is {c.guard.backend.value}")
     g = c.guard

@@ -48,6 +48,16 @@ class GuardConfig:
     head: Path = field(
         default=Path("guard/heads/minilm-l6-v2.npz"), metadata=_doc("Trained classifier head file.")
     )
+    # Empty (the default until a split ships): Agent turns are judged by `encoder` and `head` too.
+    output_encoder: Path | None = field(
+        default=None,
+        metadata=_doc("Sentence-encoder folder for a second classifier head that judges Agent turns (output "
+                      "checks, Moderate as Agent); empty: the encoder above judges both roles."),
+    )
+    output_head: Path | None = field(
+        default=None,
+        metadata=_doc("That second head (set both or neither); empty: the head above judges both roles."),
+    )
     # 1 leaves the cores to the generator; 2 halves an input verdict on an idle 2-core machine (docs/GUARD.md).
     encoder_threads: int = field(
         default=1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from guard.backends.classifier import ClassifierModerator, load_head
 from guard.backends.llama_guard import LlamaGuardModerator
@@ -17,6 +18,7 @@ from guard.policy import (
     DEFAULT_RELEASE_WINDOW_TOKENS,
     Policy,
 )
+from guard.split import RoleSplitModerator
 from guard.worker import PriorityWorker
 from service.config import Config, GuardBackend
 from service.engine.engine import Engine, EngineConfig
@@ -90,16 +92,29 @@ def build_classifier(config: Config) -> tuple[Moderator, PriorityWorker]:
     1.09-1.19x unguarded (median 1.12x, seven runs) against 1.10-1.24x (median 1.17x, six runs) on the shared
     pool, for input verdicts a few ms later under that load (median 17 vs 15 ms); no difference with 4 streams.
     The worker runs input verdicts before queued output checks (`guard.worker`, `STAGE_PRIORITY`).
+    With `guard.output_head` set, a second head on its own encoder judges Agent turns (`RoleSplitModerator`);
+    both encoders run on the one worker, and a check runs one of them.
     """
     g = config.guard
-    encoder = MiniLMEncoder(g.encoder, threads=g.encoder_threads)
-    head = load_head(g.head)
+    worker = PriorityWorker("guard-encoder")
+    split = g.output_encoder is not None and g.output_head is not None  # config validation: both or neither
+    user_side = _classifier(config, g.encoder, g.head, worker, judges_output=not split)
+    if g.output_encoder is None or g.output_head is None:
+        return user_side, worker
+    agent_side = _classifier(config, g.output_encoder, g.output_head, worker, judges_output=True)
+    return RoleSplitModerator(user_side, agent_side), worker
+
+
+def _classifier(config: Config, encoder_dir: Path, head_file: Path, worker: PriorityWorker, *,
+                judges_output: bool) -> ClassifierModerator:
+    """One head on its encoder; `judges_output`: its per-stream output threshold matters (warn on a schedule
+    it was not chosen for)."""
+    g = config.guard
+    head = load_head(head_file)
     warning = stream_schedule_warning(head.stream_offset, g.first_release_window_tokens, g.release_window_tokens,
                                       g.output_context_chars)
-    if warning:
+    if warning and judges_output:
         log.warning(warning)
-    worker = PriorityWorker("guard-encoder")
-    moderator = ClassifierModerator(encoder, head, worker, input_threshold=g.input_threshold,
-                                    output_threshold=g.output_threshold)
-    return moderator, worker
+    return ClassifierModerator(MiniLMEncoder(encoder_dir, threads=g.encoder_threads), head, worker,
+                               input_threshold=g.input_threshold, output_threshold=g.output_threshold)
 

@@ -322,3 +322,36 @@ async def test_previous_profile_is_served_through_the_config_and_refuses_the_wro
     wrong = load_config([f"--guard-encoder={GUARD_ENCODER_DIR}", f"--guard-head={PREVIOUS_HEAD_PATH}"], {})
     with pytest.raises(ValueError, match=r"trained on .* features"):
         build_classifier(wrong)
+
+
+async def test_a_second_head_judges_agent_turns_when_configured() -> None:
+    # guard.output_encoder / guard.output_head: User turns stay with the first head, Agent turns go to the second
+    # (here the previous profile's, on its own encoder), each scoring as it does alone
+    from guard.split import RoleSplitModerator
+    from service.config import load_config
+    from service.guard_factory import build_classifier
+
+    config = load_config([f"--guard-encoder={GUARD_ENCODER_DIR}", f"--guard-head={HEAD_PATH}",
+                          f"--guard-output-encoder={PREVIOUS_ENCODER_DIR}",
+                          f"--guard-output-head={PREVIOUS_HEAD_PATH}"], {})
+    moderator, worker = build_classifier(config)
+    conversation = [Message("user", "How do I kill a stuck python process?"),
+                    Message("assistant", "Run `kill -9 <pid>`; find the pid with `pgrep -f script.py`.")]
+    try:
+        assert isinstance(moderator, RoleSplitModerator)
+        assert isinstance(moderator.user, ClassifierModerator) and isinstance(moderator.agent, ClassifierModerator)
+        assert moderator.user._executor is worker and moderator.agent._executor is worker  # type: ignore[attr-defined]
+        user = await moderator.moderate(conversation, Role.USER, Stage.INPUT)
+        agent = await moderator.moderate(conversation, Role.AGENT, Stage.OUTPUT)
+        alone_user = await moderator.user.moderate(conversation, Role.USER, Stage.INPUT)
+        alone_agent = await moderator.agent.moderate(conversation, Role.AGENT, Stage.OUTPUT)
+        other_agent = await moderator.user.moderate(conversation, Role.AGENT, Stage.OUTPUT)
+    finally:
+        worker.shutdown()
+    assert user.score == alone_user.score and agent.score == alone_agent.score
+    assert agent.score != other_agent.score  # the two heads differ, so the route is visible in the score
+    # the second head on the wrong encoder is refused at load, as the first is
+    wrong = load_config([f"--guard-output-encoder={GUARD_ENCODER_DIR}", f"--guard-output-head={PREVIOUS_HEAD_PATH}"],
+                        {})
+    with pytest.raises(ValueError, match=r"trained on .* features"):
+        build_classifier(wrong)

@@ -177,6 +177,8 @@ def test_cross_field_rules(tmp_path: Path) -> None:
     assert "guard.model is required when guard.backend is llama_guard" in problems
     cap_rule = "engine.default_max_new_tokens must be <= engine.max_new_tokens_cap (2048), got 4096"
     assert cap_rule in problems
+    (problem,) = problems_of(["--guard-output-head", "h.npz"], {})
+    assert problem == "guard.output_encoder and guard.output_head are set together or not at all"
     (problem,) = problems_of(["--tls-client-ca", "ca.pem"], {})
     assert problem == "security.tls_client_ca requires security.tls_cert and security.tls_key"
     (problem,) = problems_of(["--metrics-port", "50051"], {})
