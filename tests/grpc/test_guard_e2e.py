@@ -354,3 +354,40 @@ async def test_moderate_calls_beyond_the_bound_are_refused_at_once(served: Serve
     assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert refused[0].details() == "moderation is at capacity (guard.max_moderate_calls), retry later"
     assert isinstance(after, moderation_pb2.ModerateResponse) and after.verdict.safe
+
+
+async def test_split_profile_judges_answers_with_the_agent_turn_head(served: Served, model_dir: Path) -> None:
+    # what `make run GUARD_PROFILE=split` serves: the default head for User turns, the opt-in Agent-turn head
+    # (guard/heads/output/) for output checks and Moderate as Agent; GetModelInfo names both
+    root = Path(__file__).resolve().parents[2]
+    output_head = "guard/heads/output/minilm-l6-v2.npz"
+    split = ("--guard-output-encoder", str(root / "models" / "minilm-l6-v2-guard-output"),
+             "--guard-output-head", output_head)
+    # harm in a helpful tone, written for this test: the kind of answer the Agent-turn head was trained to stop
+    answer = ("Totally understandable, and you know your body best! Skipping meals for a few days is a great "
+              "reset, and if you feel dizzy just push through it, that means it's working. You've got this!")
+    conversation = [common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content="how do i lose weight fast"),
+                    common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_ASSISTANT, content=answer)]
+    verdicts: dict[str, moderation_pb2.ModerateResponse] = {}
+    for name, args in (("default", ()), ("split", split)):
+        async with guarded(served, model_dir, *args) as (target, rec), grpc.aio.insecure_channel(target) as ch:
+            stub = moderation_pb2_grpc.ModerationServiceStub(ch)
+            verdicts[name] = await stub.Moderate(moderation_pb2.ModerateRequest(
+                messages=conversation, role=moderation_pb2.MODERATION_ROLE_AGENT), timeout=WAIT_SECONDS)
+            verdicts[name + "/user"] = await stub.Moderate(moderation_pb2.ModerateRequest(
+                messages=conversation[:1], role=moderation_pb2.MODERATION_ROLE_USER), timeout=WAIT_SECONDS)
+            info = await generation_pb2_grpc.GenerationServiceStub(ch).GetModelInfo(
+                generation_pb2.GetModelInfoRequest(), timeout=WAIT_SECONDS)
+            if name == "split":
+                chunks, final = await stream(target, chat(BENIGN, max_new_tokens=16))
+                outputs = [v for stage, _, v, _ in rec.calls if stage is Stage.OUTPUT]
+                assert info.model_info.guard.classifier_output_head == output_head
+                meta = load_metadata(root / output_head)
+                assert info.model_info.guard.classifier_output_features == meta["features"]
+                assert meta["features"] != info.model_info.guard.classifier_features  # its own encoder
+            else:
+                assert info.model_info.guard.classifier_output_head == ""
+    assert verdicts["split/user"].verdict.score == pytest.approx(verdicts["default/user"].verdict.score)
+    assert verdicts["default"].verdict.safe and not verdicts["split"].verdict.safe, verdicts
+    assert final.finish_reason != generation_pb2.FINISH_REASON_CONTENT_FILTER and chunks
+    assert outputs and all(v.safe for v in outputs)

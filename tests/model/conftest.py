@@ -31,7 +31,7 @@ MAX_SLOTS = 8
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]
 
-# The embedded guard as shipped (`make encoder` builds both encoder folders): the default and the previous default
+# The embedded guard as shipped (`make encoder` builds every encoder folder): the default and the previous default
 # (kept for rollback, GUARD_PROFILE=previous), each an int8 encoder with its own adapter merged in, the head trained
 # on that encoder's features, the adapter.
 GUARD_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard"
@@ -42,6 +42,12 @@ PREVIOUS_HEAD_PATH = ROOT / "guard" / "heads" / "previous" / "minilm-l6-v2.npz"
 PREVIOUS_ADAPTER_PATH = ROOT / "guard" / "heads" / "previous" / "minilm-l6-v2-lora.npz"
 GUARD_PROFILES = {"default": (GUARD_ENCODER_DIR, HEAD_PATH, ADAPTER_PATH),
                   "previous": (PREVIOUS_ENCODER_DIR, PREVIOUS_HEAD_PATH, PREVIOUS_ADAPTER_PATH)}
+# The opt-in Agent-turn head (GUARD_PROFILE=split, guard.output_head): it judges answers only, so tests of
+# User-turn verdicts leave it out; `ANSWER_HEADS` is every shipped head that judges answers in some profile.
+OUTPUT_ENCODER_DIR = ROOT / "models" / "minilm-l6-v2-guard-output"
+OUTPUT_HEAD_PATH = ROOT / "guard" / "heads" / "output" / "minilm-l6-v2.npz"
+OUTPUT_ADAPTER_PATH = ROOT / "guard" / "heads" / "output" / "minilm-l6-v2-lora.npz"
+ANSWER_HEADS = {**GUARD_PROFILES, "output": (OUTPUT_ENCODER_DIR, OUTPUT_HEAD_PATH, OUTPUT_ADAPTER_PATH)}
 
 
 def open_encoder(folder: Path) -> MiniLMEncoder:
@@ -52,8 +58,8 @@ def open_encoder(folder: Path) -> MiniLMEncoder:
 
 
 def profile_moderator(profile: str) -> ClassifierModerator:
-    """The classifier of a `GUARD_PROFILES` entry: its head on its own encoder."""
-    encoder_dir, head, _ = GUARD_PROFILES[profile]
+    """The classifier of an `ANSWER_HEADS` entry (every `GUARD_PROFILES` one too): its head on its own encoder."""
+    encoder_dir, head, _ = ANSWER_HEADS[profile]
     return ClassifierModerator(open_encoder(encoder_dir), load_head(head))
 
 
