@@ -1,10 +1,11 @@
 """One moderator per role: User turns to one backend, Agent turns to another.
 
 A head tuned for answers need not be the best judge of requests, and the other way round (docs/GUARD.md,
-"Seventeenth round"). `RoleSplitModerator` sends every judgment of User turns (input checks, `Moderate` as
-User) to `user` and every judgment of Agent turns (output checks, `Moderate` as Agent) to `agent`; each keeps
-its own thresholds and policy handling, and its verdict is returned unchanged. A check runs one of the two, so
-per-check cost is that backend's. Exceptions propagate: wrap it in `guard.failsafe.FailSafeModerator`.
+"Sixteenth and seventeenth rounds"). `RoleSplitModerator` sends every judgment of User turns (input checks,
+`Moderate` as User) to `user` and every judgment of Agent turns (output checks, `Moderate` as Agent) to
+`agent`; each keeps its own thresholds and policy handling, and its verdict is returned unchanged. A check runs
+one of the two, so per-check cost is that backend's. Exceptions propagate: wrap it in
+`guard.failsafe.FailSafeModerator`.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ class GuardConfig:
     head: Path = field(
         default=Path("guard/heads/minilm-l6-v2.npz"), metadata=_doc("Trained classifier head file.")
     )
-    # Empty (the default until a split ships): Agent turns are judged by `encoder` and `head` too.
+    # Empty (the default): Agent turns are judged by `encoder` and `head` too; `make run GUARD_PROFILE=split`
+    # sets both to the opt-in Agent-turn head (guard/heads/output/, README "Moderation").
     output_encoder: Path | None = field(
         default=None,
         metadata=_doc("Sentence-encoder folder for a second classifier head that judges Agent turns (output "

@@ -97,12 +97,16 @@ def build_classifier(config: Config) -> tuple[Moderator, PriorityWorker]:
     """
     g = config.guard
     worker = PriorityWorker("guard-encoder")
-    split = g.output_encoder is not None and g.output_head is not None  # config validation: both or neither
-    user_side = _classifier(config, g.encoder, g.head, worker, judges_output=not split)
-    if g.output_encoder is None or g.output_head is None:
-        return user_side, worker
-    agent_side = _classifier(config, g.output_encoder, g.output_head, worker, judges_output=True)
-    return RoleSplitModerator(user_side, agent_side), worker
+    try:
+        split = g.output_encoder is not None and g.output_head is not None  # config validation: both or neither
+        user_side = _classifier(config, g.encoder, g.head, worker, judges_output=not split)
+        if g.output_encoder is None or g.output_head is None:
+            return user_side, worker
+        agent_side = _classifier(config, g.output_encoder, g.output_head, worker, judges_output=True)
+        return RoleSplitModerator(user_side, agent_side), worker
+    except BaseException:  # a head on the wrong encoder, a missing folder: no worker thread left behind
+        worker.shutdown()
+        raise
 
 
 def _classifier(config: Config, encoder_dir: Path, head_file: Path, worker: PriorityWorker, *,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -365,5 +366,8 @@ async def test_a_second_head_judges_agent_turns_when_configured() -> None:
     # the second head on the wrong encoder is refused at load, as the first is
     wrong = load_config([f"--guard-output-encoder={GUARD_ENCODER_DIR}", f"--guard-output-head={OUTPUT_HEAD_PATH}"],
                         {})
+    workers = sum(t.name == "guard-encoder" and t.is_alive() for t in threading.enumerate())
     with pytest.raises(ValueError, match=r"trained on .* features"):
         build_classifier(wrong)
+    # the refused build's worker thread was shut down (shutdown waits for it), not left running
+    assert sum(t.name == "guard-encoder" and t.is_alive() for t in threading.enumerate()) == workers
