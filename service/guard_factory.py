@@ -96,13 +96,13 @@ def build_classifier(config: Config) -> tuple[Moderator, PriorityWorker]:
     both encoders run on the one worker, and a check runs one of them.
     """
     g = config.guard
+    output_encoder, output_head = g.output_encoder, g.output_head  # config validation: both or neither
     worker = PriorityWorker("guard-encoder")
     try:
-        split = g.output_encoder is not None and g.output_head is not None  # config validation: both or neither
-        user_side = _classifier(config, g.encoder, g.head, worker, judges_output=not split)
-        if g.output_encoder is None or g.output_head is None:
-            return user_side, worker
-        agent_side = _classifier(config, g.output_encoder, g.output_head, worker, judges_output=True)
+        if output_encoder is None or output_head is None:
+            return _classifier(config, g.encoder, g.head, worker, judges_output=True), worker
+        user_side = _classifier(config, g.encoder, g.head, worker, judges_output=False)
+        agent_side = _classifier(config, output_encoder, output_head, worker, judges_output=True)
         return RoleSplitModerator(user_side, agent_side), worker
     except BaseException:  # a head on the wrong encoder, a missing folder: no worker thread left behind
         worker.shutdown()
@@ -115,9 +115,8 @@ def _classifier(config: Config, encoder_dir: Path, head_file: Path, worker: Prio
     it was not chosen for)."""
     g = config.guard
     head = load_head(head_file)
-    warning = stream_schedule_warning(head.stream_offset, g.first_release_window_tokens, g.release_window_tokens,
-                                      g.output_context_chars)
-    if warning and judges_output:
+    if judges_output and (warning := stream_schedule_warning(
+            head.stream_offset, g.first_release_window_tokens, g.release_window_tokens, g.output_context_chars)):
         log.warning(warning)
     return ClassifierModerator(MiniLMEncoder(encoder_dir, threads=g.encoder_threads), head, worker,
                                input_threshold=g.input_threshold, output_threshold=g.output_threshold)

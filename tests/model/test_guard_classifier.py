@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,15 +55,18 @@ def guard_encoder() -> MiniLMEncoder:
 
 @pytest.fixture(scope="module", params=sorted(PROFILES))
 def moderator(request: pytest.FixtureRequest, guard_encoder: MiniLMEncoder) -> ClassifierModerator:
-    encoder_dir, head, _ = PROFILES[request.param]
-    encoder = guard_encoder if encoder_dir == GUARD_ENCODER_DIR else open_encoder(encoder_dir)
-    return ClassifierModerator(encoder, load_head(head))
+    return head_on_its_encoder(PROFILES[request.param], guard_encoder)
 
 
 @pytest.fixture(scope="module", params=sorted(ANSWER_HEADS))
 def answer_moderator(request: pytest.FixtureRequest, guard_encoder: MiniLMEncoder) -> ClassifierModerator:
     """Every shipped head that judges answers in some profile (the opt-in Agent-turn head too)."""
-    encoder_dir, head, _ = ANSWER_HEADS[request.param]
+    return head_on_its_encoder(ANSWER_HEADS[request.param], guard_encoder)
+
+
+def head_on_its_encoder(entry: tuple[Path, Path, Path], guard_encoder: MiniLMEncoder) -> ClassifierModerator:
+    """A profile entry's head on its encoder (the module's default encoder reused rather than opened again)."""
+    encoder_dir, head, _ = entry
     encoder = guard_encoder if encoder_dir == GUARD_ENCODER_DIR else open_encoder(encoder_dir)
     return ClassifierModerator(encoder, load_head(head))
 
