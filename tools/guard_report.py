@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +233,26 @@ def union_holdout_report(examples: Sequence[Example], vecs: Sequence[FloatArray]
     return "\n".join(lines)
 
 
+def head_config(options: Sequence[str]) -> TrainConfig:
+    """The shipped head settings with `name=value` overrides (`TrainConfig` fields), for held-out comparisons
+    of head variants on one encoder (the features are cached, so each variant costs only its head's training).
+
+    Raises:
+        ValueError: an option that is not `name=value`, names no `TrainConfig` field, or has a bad value.
+    """
+    types = {f.name: type(getattr(TrainConfig(), f.name)) for f in fields(TrainConfig)}
+    changes: dict[str, int | float] = {}
+    for option in options:
+        name, sep, value = option.partition("=")
+        if not sep or name not in types:
+            raise ValueError(f"head option {option!r}: expected name=value with name one of {', '.join(types)}")
+        try:
+            changes[name] = types[name](value)
+        except ValueError:
+            raise ValueError(f"head option {option!r}: {value!r} is not a valid {types[name].__name__}") from None
+    return replace(TrainConfig(), **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: `python -m tools.guard_report --encoder DIR --holdout SPEC...` prints `union_holdout_report`."""
     import argparse
@@ -251,16 +271,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage-thresholds", action="store_true", help="the shipped rule per stage")
     parser.add_argument("--input-borderline-fpr", type=float, default=None,
                         help="the margin rule (train_guard --input-borderline-fpr)")
+    parser.add_argument("--head-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a head setting other than the shipped one (TrainConfig field, e.g. l2=3e-3); repeatable")
     add_data_arguments(parser)
     args = parser.parse_args(argv)
     conflict = threshold_rule_conflict(args.stage_thresholds, args.input_borderline_fpr)
     if conflict:
         parser.error(conflict)
+    try:
+        cfg = head_config(args.head_option)
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     examples = load_all(args.root, args.own)
     extractor = MiniLMEncoder(args.encoder, threads=2)
     vecs = featurize(examples, extractor)
-    sys.stdout.write(union_holdout_report(examples, vecs, TrainConfig(), extractor.name, tuple(args.holdout),
+    sys.stdout.write(union_holdout_report(examples, vecs, cfg, extractor.name, tuple(args.holdout),
                                           0.045, 0.3, args.fold_encoders, args.stage_thresholds,
                                           args.input_borderline_fpr) + "\n")
     return 0

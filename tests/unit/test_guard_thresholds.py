@@ -150,3 +150,25 @@ def test_the_cli_refuses_two_threshold_rules_at_once(tool: str, capsys: pytest.C
         main(["--encoder", "nowhere", "--holdout", "x", "--stage-thresholds", "--input-borderline-fpr", "0.21"]
              if tool == "guard_report" else ["--stage-thresholds", "--input-borderline-fpr", "0.21"])
     assert exc.value.code == 2 and "pick one" in capsys.readouterr().err
+
+
+def test_head_options_override_the_shipped_head_settings_by_field_type() -> None:
+    from tools.guard_report import head_config
+    from tools.train_guard import TrainConfig
+
+    assert head_config([]) == TrainConfig()
+    cfg = head_config(["l2=3e-3", "hidden=0", "seed=2"])
+    assert (cfg.l2, cfg.hidden, cfg.seed) == (3e-3, 0, 2) and isinstance(cfg.hidden, int)
+    assert cfg.epochs == TrainConfig().epochs  # untouched fields keep the shipped value
+    for bad, says in (("width=64", "expected name=value"), ("l2", "expected name=value"),
+                      ("hidden=1.5", "is not a valid int")):
+        with pytest.raises(ValueError, match=says):
+            head_config([bad])
+
+
+def test_the_report_cli_names_a_bad_head_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from tools.guard_report import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--encoder", "nowhere", "--holdout", "x", "--head-option", "depth=3"])
+    assert exc.value.code == 2 and "head option 'depth=3'" in capsys.readouterr().err
