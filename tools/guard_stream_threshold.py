@@ -18,6 +18,7 @@ model's tokenizer, so a head for another served model is calibrated with that mo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from guard.policy import (
     DEFAULT_RELEASE_WINDOW_TOKENS,
 )
 from guard.stream import check_points, judged_tail, prefilter_tail, text_stream_guard
+from service.text.detokenizer import StreamingDetokenizer
+from service.text.tokenizer import Tokenizer as ServedTokenizer
 
 LOG = logging.getLogger("guard_stream_threshold")
 FIRST_WINDOW, WINDOW = DEFAULT_FIRST_RELEASE_WINDOW_TOKENS, DEFAULT_RELEASE_WINDOW_TOKENS  # the default schedule
@@ -118,19 +121,20 @@ async def replay_checks(score: Callable[[str], Awaitable[float]], prefix_of: Cal
     return worst, read
 
 
+@functools.cache
+def _served_tokenizer(tokenizer: Tokenizer) -> ServedTokenizer:
+    # a copy: the served wrapper reconfigures the tokenizer it is given (special tokens inert)
+    return ServedTokenizer(Tokenizer.from_str(tokenizer.to_str()), {})
+
+
 def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
-    """One text piece per token whose concatenation is always the decoded prefix, as the served detokenizer
-    streams them (a token ending inside a character gives an empty piece until the character completes)."""
-    pieces, shown = [], ""
-    for k in range(1, len(ids) + 1):
-        text = tokenizer.decode(list(ids[:k]))
-        if text.startswith(shown) and not text.endswith("\ufffd"):
-            pieces.append(text[len(shown):])
-            shown = text
-        else:
-            pieces.append("")
+    """One text piece per token, as the server streams them: through the served `StreamingDetokenizer` (a token
+    ending inside a character gives an empty piece until the character completes; the pieces concatenate to
+    every decoded prefix), in time linear in the answer."""
+    detokenizer = StreamingDetokenizer(_served_tokenizer(tokenizer))
+    pieces = [detokenizer.add(i) for i in ids]
     if pieces:
-        pieces[-1] += tokenizer.decode(list(ids))[len(shown):]
+        pieces[-1] += detokenizer.flush()
     return pieces
 
 

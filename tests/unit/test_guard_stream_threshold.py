@@ -118,3 +118,5 @@ def test_token_pieces_concatenate_to_every_decoded_prefix() -> None:
     pieces = token_pieces(tok, ids)
     assert pieces == ["a", "", "é", " b"]
     assert "".join(pieces) == tok.decode(ids)
+    # an answer cut inside a character ends with the replacement character, as a whole decode shows it
+    assert token_pieces(tok, [0, 1]) == ["a", "\ufffd"] and tok.decode([0, 1]) == "a\ufffd"
