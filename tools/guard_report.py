@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     examples = load_all(args.root, args.own)
     extractor = MiniLMEncoder(args.encoder, threads=2)
     vecs = featurize(examples, extractor)
+    if args.head_option:  # a variant's report says which one it is
+        sys.stdout.write(f"head settings: {', '.join(args.head_option)} (the rest shipped)\n")
     sys.stdout.write(union_holdout_report(examples, vecs, cfg, extractor.name, tuple(args.holdout),
                                           0.045, 0.3, args.fold_encoders, args.stage_thresholds,
                                           args.input_borderline_fpr) + "\n")
