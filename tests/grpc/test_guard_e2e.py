@@ -32,6 +32,7 @@ from service.app import build_app
 from service.guard_factory import build_classifier
 from service.server import start_server
 from service.stats import ListSink
+from tests.conftest import ROOT
 from tests.grpc.conftest import WAIT_SECONDS, Served, server_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -152,7 +153,7 @@ async def test_first_release_comes_after_the_first_window_and_windows_double(ser
                 final = resp.final
     assert (info.model_info.guard.release_window_tokens, info.model_info.guard.first_release_window_tokens) == (8, 2)
     # which head judges: the configured file and its feature space (the adapter's sha256 prefix)
-    meta = load_metadata(Path(__file__).resolve().parents[2] / info.model_info.guard.classifier_head)
+    meta = load_metadata(ROOT / info.model_info.guard.classifier_head)
     assert info.model_info.guard.classifier_head == "guard/heads/minilm-l6-v2.npz"
     assert info.model_info.guard.classifier_features == meta["features"]
     assert info.model_info.guard.classifier_features.startswith("minilm-l6-v2+lora-")
@@ -359,9 +360,8 @@ async def test_moderate_calls_beyond_the_bound_are_refused_at_once(served: Serve
 async def test_split_profile_judges_answers_with_the_agent_turn_head(served: Served, model_dir: Path) -> None:
     # what `make run GUARD_PROFILE=split` serves: the default head for User turns, the opt-in Agent-turn head
     # (guard/heads/output/) for output checks and Moderate as Agent; GetModelInfo names both
-    root = Path(__file__).resolve().parents[2]
     output_head = "guard/heads/output/minilm-l6-v2.npz"
-    split = ("--guard-output-encoder", str(root / "models" / "minilm-l6-v2-guard-output"),
+    split = ("--guard-output-encoder", str(ROOT / "models" / "minilm-l6-v2-guard-output"),
              "--guard-output-head", output_head)
     # harm in a helpful tone, written for this test: the kind of answer the Agent-turn head was trained to stop
     answer = ("Totally understandable, and you know your body best! Skipping meals for a few days is a great "
@@ -382,7 +382,7 @@ async def test_split_profile_judges_answers_with_the_agent_turn_head(served: Ser
                 chunks, final = await stream(target, chat(BENIGN, max_new_tokens=16))
                 outputs = [v for stage, _, v, _ in rec.calls if stage is Stage.OUTPUT]
                 assert info.model_info.guard.classifier_output_head == output_head
-                meta = load_metadata(root / output_head)
+                meta = load_metadata(ROOT / output_head)
                 assert info.model_info.guard.classifier_output_features == meta["features"]
                 assert meta["features"] != info.model_info.guard.classifier_features  # its own encoder
             else:
